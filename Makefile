@@ -1,0 +1,45 @@
+# Secondsite — the two README commands bootstrap everything they need.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Debian packages the build and the tests need (installed when root and missing).
+APT_PACKAGES := python3-venv libdbus-1-dev libglib2.0-dev dbus e2fsprogs util-linux \
+                iproute2 zstd
+
+.PHONY: quickstart test lint typecheck unit bench deps venv clean
+
+quickstart: venv
+	@echo "secondsite: the one-machine lab arrives with the agent (issue 4); not yet."
+	@echo "Meanwhile: 'make test' runs the wire protocol and master-target suites,"
+	@echo "and '$(VENV)/bin/secondsite-targetd --help' shows the master target daemon."
+
+test: venv lint typecheck unit
+
+lint: venv
+	$(VENV)/bin/ruff check appliance agent tui tests
+	$(VENV)/bin/ruff format --check appliance agent tui tests
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) tests/bench/run.py
+
+deps:
+	@bash tools/apt-deps.sh $(APT_PACKAGES)
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml | deps
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

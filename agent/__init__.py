@@ -1,0 +1,1 @@
+"""Secondsite source-host agent."""

@@ -1,0 +1,1 @@
+"""Secondsite appliance roles and what they share."""

@@ -1,0 +1,1 @@
+"""Secondsite Textual console."""
