@@ -11,6 +11,7 @@ import pytest
 
 from tests.dbusbus import PrivateBus, start_private_bus
 from tests.pki import Authority, Leaf
+from tests.vcsim.fixture import vcsim  # noqa: F401 - a fresh vCenter simulator per module
 
 
 @dataclass(frozen=True)
