@@ -43,3 +43,26 @@ $(STAMP): pyproject.toml | deps
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+# ---- appliance image (issue 7): image/build.sh, image/boot-test.sh ----------------------
+# Debian packages the image build and the boot test need on the build machine.
+IMAGE_APT_PACKAGES := systemd mkosi debootstrap debian-archive-keyring systemd-container \
+                      fdisk dosfstools mtools grub-common e2fsprogs qemu-utils \
+                      qemu-system-x86 ovmf virt-v2v
+
+.PHONY: image image-test image-deps units-check
+
+image-deps:
+	@bash tools/apt-deps.sh $(IMAGE_APT_PACKAGES)
+
+# The OS tree, a BIOS+UEFI raw disk and the OVA, in mkosi.output/ (root needed).
+image: venv image-deps
+	bash image/build.sh
+
+# Boots the raw disk from `make image` under QEMU (BIOS and UEFI), checks the OVA.
+image-test: venv image-deps
+	bash image/boot-test.sh $(IMAGE_FIRMWARES)
+
+# The unit checks alone (they are also part of `make test`).
+units-check: venv
+	$(PY) -m pytest -q tests/image

@@ -1,0 +1,452 @@
+"""The master target's side of the wire: streams in, durable ACKs out.
+
+Each replica disk has one `DiskStream`: the connection that opened it last owns it
+(a reconnecting sender takes over from its half-dead predecessor), frames are checked
+on the event loop (sequence, window, extent bounds) and queued, and one apply thread
+per disk feeds them to the storage engine. The queue is bounded by the window the
+sender was given: a sender that overruns it is cut off with WINDOW_EXCEEDED.
+
+An ACK carries the engine's durable sequence, which moves at every tag and at a
+checkpoint taken when half the window is pending or `checkpoint_seconds` passed —
+so the sender's window never waits on a tag that cannot come (initial sync has none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from appliance.target.errors import TargetError
+from appliance.target.store import DiskReplica, ReplicaStore
+from appliance.wire.connection import Connection
+from appliance.wire.errors import (
+    ConnectionClosed,
+    ErrorCounters,
+    InvalidRequest,
+    MalformedBody,
+    OutOfWindow,
+    ProtocolViolation,
+    StorageFailure,
+    UnknownDisk,
+    WindowExceeded,
+    WireError,
+)
+from appliance.wire.framing import MAX_BODY
+from appliance.wire.messages import (
+    Ack,
+    Data,
+    DiskOpened,
+    Encoding,
+    Hello,
+    OpenDisk,
+    Ping,
+    Pong,
+    Request,
+    Response,
+    Tag,
+    Welcome,
+)
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+# Bytes handed to the apply thread at once: enough to amortise a thread hop, small
+# enough that ACKs keep flowing while a large window drains.
+APPLY_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass
+class DiskStats:
+    frames_in: int = 0
+    bytes_in: int = 0
+    bytes_applied: int = 0
+    duplicates: int = 0
+    tags: int = 0
+    last_ack_ns: int = 0
+
+
+@dataclass
+class DiskStream:
+    """One replica disk's incoming stream; see the module docstring."""
+
+    replica: DiskReplica
+    window_bytes: int
+    checkpoint_seconds: float
+    executor: ThreadPoolExecutor
+    on_failure: Callable[[DiskStream, WireError], None]
+    owner: Connection | None = None
+    received_seq: int = 0
+    acked_seq: int = 0
+    stats: DiskStats = field(default_factory=DiskStats)
+    _unacked: collections.deque[tuple[int, int]] = field(default_factory=collections.deque)
+    _unacked_bytes: int = 0
+    _queue: asyncio.Queue[Data | Tag] = field(default_factory=asyncio.Queue)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    @property
+    def disk_id(self) -> str:
+        return self.replica.disk_id
+
+    def start(self) -> None:
+        self._idle.set()
+        self.received_seq = self.acked_seq = self.replica.durable_seq
+        self._task = asyncio.create_task(self._run(), name=f"apply-{self.disk_id}")
+
+    async def stop(self) -> None:
+        """Apply what is queued, make it durable, stop the apply task."""
+        await self.settle()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def attach(self, conn: Connection) -> int:
+        """Make `conn` the owner; return the durable sequence it must resend after."""
+        previous, self.owner = self.owner, conn
+        if previous is not None and previous is not conn:
+            log.info("disk %s: taken over by %s", self.disk_id, conn.peer)
+            previous.close()
+        await self.settle()
+        durable = self.replica.durable_seq
+        self.received_seq = self.acked_seq = durable
+        self._unacked.clear()
+        self._unacked_bytes = 0
+        return durable
+
+    def detach(self, conn: Connection) -> None:
+        if self.owner is conn:
+            self.owner = None
+
+    async def settle(self) -> None:
+        """Wait until everything queued is applied, then checkpoint it."""
+        await self._idle.wait()
+        loop = asyncio.get_running_loop()
+        durable = await loop.run_in_executor(self.executor, self.replica.checkpoint)
+        self._acknowledge(durable)
+
+    def accept(self, conn: Connection, msg: Data | Tag) -> None:
+        """Check one frame on the event loop and queue it for the apply thread."""
+        if conn is not self.owner:
+            raise ProtocolViolation(f"disk {self.disk_id} is not open on this connection")
+        if msg.seq <= self.received_seq:
+            self.stats.duplicates += 1  # a resend of what we already have: idempotent
+            return
+        if msg.seq != self.received_seq + 1:
+            raise OutOfWindow(f"disk {self.disk_id}: sequence {msg.seq} after {self.received_seq}")
+        size = 0
+        if isinstance(msg, Data):
+            _check_extent(self.replica.size, msg)
+            size = len(msg.payload)
+            if self._unacked_bytes and self._unacked_bytes + size > self.window_bytes:
+                raise WindowExceeded(
+                    f"disk {self.disk_id}: {self._unacked_bytes + size} unacknowledged "
+                    f"bytes, window is {self.window_bytes}"
+                )
+            self.stats.bytes_in += size
+        self.stats.frames_in += 1
+        self.received_seq = msg.seq
+        self._unacked.append((msg.seq, size))
+        self._unacked_bytes += size
+        self._idle.clear()
+        self._queue.put_nowait(msg)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = self.checkpoint_seconds if self.replica.pending_bytes else None
+            try:
+                first = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                first = None
+            batch: list[Data | Tag] = [] if first is None else [first]
+            size = len(first.payload) if isinstance(first, Data) else 0
+            while size < APPLY_CHUNK and not self._queue.empty():
+                item = self._queue.get_nowait()
+                batch.append(item)
+                size += len(item.payload) if isinstance(item, Data) else 0
+            try:
+                durable = await loop.run_in_executor(self.executor, self._apply, batch)
+            except (TargetError, WireError, OSError) as exc:
+                await self._reset(_as_wire_error(exc))
+                continue
+            self._acknowledge(durable)
+            if self._queue.empty():
+                self._idle.set()
+
+    def _apply(self, batch: list[Data | Tag]) -> int:
+        """In the disk's apply thread: write, tag, and checkpoint when it is due."""
+        replica = self.replica
+        for msg in batch:
+            if isinstance(msg, Tag):
+                replica.tag(msg.seq, msg.tag_id, msg.kind.name.lower(), msg.timestamp_ns)
+                self.stats.tags += 1
+            elif msg.encoding is Encoding.ZERO:
+                replica.write_zero(msg.seq, msg.offset, msg.length)
+            else:
+                replica.write(msg.seq, msg.offset, _decode_payload(msg))
+            self.stats.bytes_applied += msg.length if isinstance(msg, Data) else 0
+        due = replica.pending_bytes >= self.window_bytes // 2 or (
+            replica.pending_bytes and not batch
+        )
+        if due:
+            replica.checkpoint()
+        return replica.durable_seq
+
+    def _acknowledge(self, durable: int) -> None:
+        if durable <= self.acked_seq:
+            return
+        self.acked_seq = durable
+        while self._unacked and self._unacked[0][0] <= durable:
+            self._unacked_bytes -= self._unacked.popleft()[1]
+        self.stats.last_ack_ns = time.time_ns()
+        owner = self.owner
+        if owner is not None:
+            # ACKs are tiny and the window already bounds them: no drain wait needed.
+            owner.send_nowait(Ack(self.disk_id, durable))
+
+    async def _reset(self, error: WireError) -> None:
+        """An apply failed: drop the queue, roll back to the checkpoint, cut the owner."""
+        log.error("disk %s: apply failed: %s", self.disk_id, error)
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.replica.recover)
+        self.received_seq = self.acked_seq = self.replica.durable_seq
+        self._unacked.clear()
+        self._unacked_bytes = 0
+        self._idle.set()
+        self.on_failure(self, error)
+
+
+def _check_extent(size: int, msg: Data) -> None:
+    if msg.offset % SECTOR or msg.length % SECTOR or msg.length == 0:
+        raise InvalidRequest(f"extent {msg.offset}+{msg.length} is not sector-aligned")
+    if msg.offset + msg.length > size:
+        raise InvalidRequest(f"extent {msg.offset}+{msg.length} is beyond the disk ({size})")
+    if msg.encoding is Encoding.RAW and len(msg.payload) != msg.length:
+        raise MalformedBody(f"payload is {len(msg.payload)} bytes, length says {msg.length}")
+
+
+def _decode_payload(msg: Data) -> bytes | memoryview:
+    if msg.encoding is Encoding.RAW:
+        return msg.payload
+    try:
+        data = zstandard.ZstdDecompressor().decompress(msg.payload, max_output_size=msg.length)
+    except zstandard.ZstdError as exc:
+        raise MalformedBody(f"zstd payload does not decompress: {exc}") from None
+    if len(data) != msg.length:
+        raise MalformedBody(f"zstd payload gave {len(data)} bytes, length says {msg.length}")
+    return data
+
+
+def _as_wire_error(exc: BaseException) -> WireError:
+    if isinstance(exc, WireError):
+        return exc
+    return StorageFailure(f"{type(exc).__name__}: {exc}")
+
+
+class TargetService:
+    """Serves replication streams and the small control RPC for one ReplicaStore."""
+
+    def __init__(
+        self,
+        store: ReplicaStore,
+        *,
+        name: str,
+        datastore: Path,
+        window_bytes: int,
+        checkpoint_seconds: float,
+        counters: ErrorCounters,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.datastore = datastore
+        self.window_bytes = window_bytes
+        self.checkpoint_seconds = checkpoint_seconds
+        self.counters = counters
+        self.connections = 0
+        self._streams: dict[str, DiskStream] = {}
+        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._control = ThreadPoolExecutor(max_workers=2, thread_name_prefix="control")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.started_ns = time.time_ns()
+
+    async def handle(self, conn: Connection) -> None:
+        """One peer connection, from HELLO to close."""
+        hello = await conn.recv()
+        if not isinstance(hello, Hello):
+            raise ProtocolViolation(f"expected HELLO, got {type(hello).__name__}")
+        log.info("%s connected as %s %r", conn.peer, hello.role, hello.name)
+        await conn.send(Welcome(self.name, self.window_bytes, MAX_BODY))
+        self.connections += 1
+        owned: list[DiskStream] = []
+        try:
+            while True:
+                try:
+                    msg = await conn.recv()
+                except ConnectionClosed:
+                    return
+                if isinstance(msg, Data | Tag):
+                    stream = self._streams.get(msg.disk_id)
+                    if stream is None:
+                        raise UnknownDisk(f"disk {msg.disk_id!r} was not opened")
+                    stream.accept(conn, msg)
+                elif isinstance(msg, OpenDisk):
+                    stream = await self._open(msg)
+                    durable = await stream.attach(conn)
+                    owned.append(stream)
+                    await conn.send(DiskOpened(msg.disk_id, durable, stream.replica.size))
+                elif isinstance(msg, Ping):
+                    await conn.send(Pong(msg.nonce))
+                elif isinstance(msg, Request):
+                    self._spawn(self._answer(conn, msg))
+                else:
+                    raise ProtocolViolation(f"unexpected {type(msg).__name__}")
+        finally:
+            self.connections -= 1
+            for stream in owned:
+                stream.detach(conn)
+
+    async def _open(self, msg: OpenDisk) -> DiskStream:
+        stream = self._streams.get(msg.disk_id)
+        if stream is not None:
+            if stream.replica.size != msg.size or stream.replica.machine_id != msg.machine_id:
+                raise InvalidRequest(
+                    f"disk {msg.disk_id} is {stream.replica.size} bytes of "
+                    f"{stream.replica.machine_id}, not {msg.size} of {msg.machine_id}"
+                )
+            return stream
+        executor = self._executors.setdefault(
+            msg.disk_id, ThreadPoolExecutor(1, thread_name_prefix=f"apply-{msg.disk_id}")
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            replica = await loop.run_in_executor(
+                executor, self.store.open_disk, msg.disk_id, msg.machine_id, msg.size
+            )
+        except TargetError as exc:
+            raise InvalidRequest(str(exc)) from None
+        # Another connection may have opened it while we waited for the thread.
+        stream = self._streams.get(msg.disk_id)
+        if stream is None:
+            stream = DiskStream(
+                replica,
+                self.window_bytes,
+                self.checkpoint_seconds,
+                executor,
+                self._stream_failed,
+            )
+            self._streams[msg.disk_id] = stream
+            stream.start()
+        return stream
+
+    def _stream_failed(self, stream: DiskStream, error: WireError) -> None:
+        owner = stream.owner
+        stream.owner = None
+        if owner is not None:
+            self._spawn(owner.fail(error))
+        else:
+            self.counters.count(error.code)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, conn: Connection, req: Request) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            params = json.loads(req.params or b"{}")
+            if not isinstance(params, dict):
+                raise InvalidRequest("params must be a JSON object")
+            result = await loop.run_in_executor(self._control, self._call, req.method, params)
+            response = Response(req.request_id, True, json.dumps(result).encode())
+        except (TargetError, WireError, ValueError, TypeError, KeyError) as exc:
+            error = {"error": type(exc).__name__, "message": str(exc)}
+            response = Response(req.request_id, False, json.dumps(error).encode())
+        with contextlib.suppress(WireError):  # the peer went away: nothing to answer
+            await conn.send(response)
+
+    def _call(self, method: str, params: dict[str, Any]) -> Any:
+        """Control RPCs, in a control thread (never on the event loop)."""
+        if method == "status":
+            return self.status()
+        if method == "points":
+            points = self.store.points(params.get("machine_id"), params.get("disk_id"))
+            return [_point_json(p) for p in points]
+        if method == "materialize":
+            paths = self.store.materialize(
+                str(params["machine_id"]),
+                str(params["tag_id"]),
+                self.datastore,
+                str(params["name"]),
+            )
+            return {"vmdks": [str(p) for p in paths]}
+        if method == "rollback":
+            machine = str(params["machine_id"])
+            busy = [
+                s.disk_id
+                for s in self._streams.values()
+                if s.replica.machine_id == machine and s.owner is not None
+            ]
+            if busy:
+                raise InvalidRequest(f"disks {busy} are still streaming; stop replication first")
+            self.store.rollback(machine, str(params["tag_id"]))
+            return {"rolled_back": machine}
+        if method == "prune":
+            return self.store.prune().__dict__
+        raise InvalidRequest(f"unknown method {method!r}")
+
+    def status(self) -> dict[str, Any]:
+        disks = []
+        for stream in self._streams.values():
+            r = stream.replica
+            disks.append(
+                {
+                    "disk_id": r.disk_id,
+                    "machine_id": r.machine_id,
+                    "size": r.size,
+                    "applied_seq": r.applied_seq,
+                    "durable_seq": r.durable_seq,
+                    "pending_bytes": r.pending_bytes,
+                    "connected": stream.owner is not None,
+                    **stream.stats.__dict__,
+                }
+            )
+        return {
+            "name": self.name,
+            "uptime_s": round((time.time_ns() - self.started_ns) / 1e9, 1),
+            "connections": self.connections,
+            "disks": disks,
+            "errors": self.counters.snapshot(),
+        }
+
+    async def shutdown(self) -> None:
+        """Make everything received durable, then release the store."""
+        for stream in list(self._streams.values()):
+            await stream.stop()
+        for executor in self._executors.values():
+            executor.shutdown(wait=True)
+        self._control.shutdown(wait=True)
+
+
+def _point_json(point: Any) -> dict[str, Any]:
+    return {
+        "tag_id": point.tag_id,
+        "time_ns": point.time_ns,
+        "kind": str(point.kind),
+        "machine_id": point.machine_id,
+        "disks": list(point.disks),
+        "usable": point.usable,
+    }

@@ -1,0 +1,510 @@
+"""Messages: one frozen dataclass per frame type, with its body layout beside it.
+
+Body encoding (network byte order, no padding):
+
+- ``u8/u16/u32/u64``: unsigned big-endian integers.
+- ``str``: u16 byte length, then that many bytes of UTF-8; at most 1024 bytes.
+- ``rest``: everything up to the end of the body (a payload, JSON bytes).
+
+====  ===========  =======================================================================
+type  message      body
+====  ===========  =======================================================================
+1     Hello        str role, str name                                     (client, first)
+2     Welcome      str name, u64 window_bytes, u32 max_body                (server reply)
+3     OpenDisk     str disk_id, str machine_id, u64 size
+4     DiskOpened   str disk_id, u64 durable_seq, u64 size
+5     Data         str disk_id, u64 seq, u64 offset, u32 length, u8 encoding, rest payload
+6     Tag          str disk_id, u64 seq, str tag_id, u8 kind, u64 timestamp_ns
+7     Ack          str disk_id, u64 seq                     (highest durable sequence)
+8     Error        u16 code, str message
+9     Ping         u64 nonce
+10    Pong         u64 nonce
+11    Request      u64 request_id, str method, rest params (JSON)
+12    Response     u64 request_id, u8 ok (0 or 1), rest result (JSON)
+====  ===========  =======================================================================
+
+Sequence numbers are per disk and start at 1 (DATA and TAG share them, so seq 0 is
+rejected). Data.length is the decoded byte count: RAW carries exactly `length` bytes,
+ZSTD a zstandard frame that decodes to `length` bytes, ZERO an empty payload; `length`
+is at most 64 MiB (MAX_EXTENT), so a small frame cannot expand without bound. The
+window counts DATA payload bytes as sent on the wire (`Data.wire_size`).
+
+An Error's code is kept even when this version does not know it: `Error.code` is then
+the plain int (an `ErrorCode` otherwise), so a newer peer's error still decodes.
+An Error message longer than 1024 bytes is cut at a character boundary when encoded.
+
+`decode` raises MalformedBody for a short, long or invalid body; `decode_message`
+raises UnknownType for a type number not in this table. `encode` raises ValueError
+for values that do not fit their field (a bug on the sending side).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar, Self, get_args
+
+import zstandard
+
+from appliance.wire.errors import ErrorCode, InvalidRequest, MalformedBody, UnknownType
+from appliance.wire.framing import Body, Buffer, Frame, buffer_size, encode_frame
+
+MAX_STR = 1024
+MAX_EXTENT = 64 * 1024 * 1024  # bounds what one DATA may decode to (zstd bombs)
+
+_U8 = struct.Struct("!B")
+_U16 = struct.Struct("!H")
+_U64 = struct.Struct("!Q")
+_U64U64 = struct.Struct("!QQ")
+_DATA_FIXED = struct.Struct("!QQIB")  # seq, offset, length, encoding
+_TAG_TAIL = struct.Struct("!BQ")  # kind, timestamp_ns
+_WELCOME_TAIL = struct.Struct("!QI")  # window_bytes, max_body
+
+
+class MsgType(IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    OPEN_DISK = 3
+    DISK_OPENED = 4
+    DATA = 5
+    TAG = 6
+    ACK = 7
+    ERROR = 8
+    PING = 9
+    PONG = 10
+    REQUEST = 11
+    RESPONSE = 12
+
+
+class Encoding(IntEnum):
+    RAW = 0
+    ZSTD = 1
+    ZERO = 2
+
+
+class TagKind(IntEnum):
+    CRASH = 0
+    APP = 1
+
+
+def _str(text: str) -> bytes:
+    raw = text.encode()
+    if len(raw) > MAX_STR:
+        raise ValueError(f"string of {len(raw)} bytes exceeds {MAX_STR}: {text[:40]!r}...")
+    return _U16.pack(len(raw)) + raw
+
+
+def _pack(st: struct.Struct, *values: int) -> bytes:
+    try:
+        return st.pack(*values)
+    except struct.error as exc:
+        raise ValueError(f"value out of range for its field: {values}") from exc
+
+
+class _Reader:
+    """Cursor over a body; every shortfall or leftover is MalformedBody."""
+
+    __slots__ = ("body", "name", "pos")
+
+    def __init__(self, body: Body, name: str) -> None:
+        self.body = body
+        self.name = name
+        self.pos = 0
+
+    def _need(self, n: int) -> int:
+        start = self.pos
+        if start + n > len(self.body):
+            raise MalformedBody(f"{self.name} body too short ({len(self.body)} bytes)")
+        self.pos = start + n
+        return start
+
+    def fixed(self, st: struct.Struct) -> tuple[Any, ...]:
+        return st.unpack_from(self.body, self._need(st.size))
+
+    def u8(self) -> int:
+        return int(self.fixed(_U8)[0])
+
+    def u16(self) -> int:
+        return int(self.fixed(_U16)[0])
+
+    def u64(self) -> int:
+        return int(self.fixed(_U64)[0])
+
+    def text(self) -> str:
+        n = self.u16()
+        if n > MAX_STR:
+            raise MalformedBody(f"{self.name}: string of {n} bytes exceeds {MAX_STR}")
+        start = self._need(n)
+        try:
+            return str(self.body[start : start + n], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedBody(f"{self.name}: invalid UTF-8 in a string") from exc
+
+    def rest(self) -> bytes:
+        start, self.pos = self.pos, len(self.body)
+        return bytes(memoryview(self.body)[start:])
+
+    def rest_view(self) -> memoryview:
+        """The rest without a copy (read-only even over a received bytearray)."""
+        start, self.pos = self.pos, len(self.body)
+        return memoryview(self.body)[start:].toreadonly()
+
+    def end(self) -> None:
+        if self.pos != len(self.body):
+            extra = len(self.body) - self.pos
+            raise MalformedBody(f"{self.name} body too long ({extra} bytes left over)")
+
+    def enum(self, cls: type[IntEnum], value: int) -> Any:
+        try:
+            return cls(value)
+        except ValueError as exc:
+            raise MalformedBody(f"{self.name}: {value} is not a valid {cls.__name__}") from exc
+
+    def seq(self, value: int) -> int:
+        if value == 0:
+            raise MalformedBody(f"{self.name}: sequence numbers start at 1")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    TYPE: ClassVar[MsgType] = MsgType.HELLO
+    role: str
+    name: str
+
+    def encode(self) -> list[Buffer]:
+        return [_str(self.role) + _str(self.name)]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "HELLO")
+        msg = cls(r.text(), r.text())
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    TYPE: ClassVar[MsgType] = MsgType.WELCOME
+    name: str
+    window_bytes: int
+    max_body: int
+
+    def encode(self) -> list[Buffer]:
+        return [_str(self.name) + _pack(_WELCOME_TAIL, self.window_bytes, self.max_body)]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "WELCOME")
+        name = r.text()
+        window, max_body = r.fixed(_WELCOME_TAIL)
+        r.end()
+        return cls(name, window, max_body)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenDisk:
+    TYPE: ClassVar[MsgType] = MsgType.OPEN_DISK
+    disk_id: str
+    machine_id: str
+    size: int
+
+    def encode(self) -> list[Buffer]:
+        return [_str(self.disk_id) + _str(self.machine_id) + _pack(_U64, self.size)]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "OPEN_DISK")
+        msg = cls(r.text(), r.text(), r.u64())
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class DiskOpened:
+    TYPE: ClassVar[MsgType] = MsgType.DISK_OPENED
+    disk_id: str
+    durable_seq: int
+    size: int
+
+    def encode(self) -> list[Buffer]:
+        return [_str(self.disk_id) + _pack(_U64U64, self.durable_seq, self.size)]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "DISK_OPENED")
+        disk_id = r.text()
+        durable, size = r.fixed(_U64U64)
+        r.end()
+        return cls(disk_id, durable, size)
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """Changed bytes of a disk. The payload is sent as given, never copied by encode().
+
+    A payload handed in as a memoryview must not change until the message is acked.
+    Decoded payloads are read-only memoryviews into the received frame body.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.DATA
+    disk_id: str
+    seq: int
+    offset: int
+    length: int
+    encoding: Encoding
+    payload: bytes | memoryview = field(repr=False)
+
+    @classmethod
+    def raw(cls, disk_id: str, seq: int, offset: int, payload: bytes | memoryview) -> Self:
+        return cls(disk_id, seq, offset, buffer_size(payload), Encoding.RAW, payload)
+
+    @classmethod
+    def zero(cls, disk_id: str, seq: int, offset: int, length: int) -> Self:
+        return cls(disk_id, seq, offset, length, Encoding.ZERO, b"")
+
+    @classmethod
+    def compressed(
+        cls, disk_id: str, seq: int, offset: int, payload: bytes | memoryview, level: int = 3
+    ) -> Self:
+        packed = zstandard.ZstdCompressor(level=level).compress(payload)
+        return cls(disk_id, seq, offset, buffer_size(payload), Encoding.ZSTD, packed)
+
+    @property
+    def wire_size(self) -> int:
+        """Payload bytes on the wire: what the flow-control window counts."""
+        return buffer_size(self.payload)
+
+    def decoded(self) -> bytes | memoryview:
+        """The `length` bytes this message writes at `offset` (MalformedBody if they lie)."""
+        if self.encoding is Encoding.RAW:
+            return self.payload
+        if self.encoding is Encoding.ZERO:
+            return bytes(self.length)
+        try:
+            out = zstandard.ZstdDecompressor().decompress(self.payload, max_output_size=self.length)
+        except zstandard.ZstdError as exc:
+            raise MalformedBody(f"DATA seq {self.seq}: bad zstd payload: {exc}") from exc
+        if len(out) != self.length:
+            raise MalformedBody(f"DATA seq {self.seq}: zstd gave {len(out)} of {self.length}")
+        return out
+
+    def encode(self) -> list[Buffer]:
+        size = self.wire_size
+        if (
+            (self.encoding is Encoding.RAW and size != self.length)
+            or (self.encoding is Encoding.ZERO and size)
+            or self.length > MAX_EXTENT
+        ):
+            raise ValueError(f"DATA {self.encoding.name}: {size} payload bytes, {self.length=}")
+        fixed = _pack(_DATA_FIXED, self.seq, self.offset, self.length, self.encoding)
+        head = _str(self.disk_id) + fixed
+        return [head, self.payload] if size else [head]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "DATA")
+        disk_id = r.text()
+        seq, offset, length, encoding = r.fixed(_DATA_FIXED)
+        enc: Encoding = r.enum(Encoding, encoding)
+        if length > MAX_EXTENT:
+            raise MalformedBody(f"DATA length {length} exceeds {MAX_EXTENT}")
+        payload = r.rest_view()
+        size = len(payload)
+        if enc is Encoding.RAW and size != length:
+            raise MalformedBody(f"DATA RAW: {size} payload bytes for length {length}")
+        if enc is Encoding.ZERO and size:
+            raise MalformedBody(f"DATA ZERO with {size} payload bytes")
+        if enc is Encoding.ZSTD and not size:
+            raise MalformedBody("DATA ZSTD with an empty payload")
+        return cls(disk_id, r.seq(seq), offset, length, enc, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Tag:
+    TYPE: ClassVar[MsgType] = MsgType.TAG
+    disk_id: str
+    seq: int
+    tag_id: str
+    kind: TagKind
+    timestamp_ns: int
+
+    def encode(self) -> list[Buffer]:
+        return [
+            _str(self.disk_id)
+            + _pack(_U64, self.seq)
+            + _str(self.tag_id)
+            + _pack(_TAG_TAIL, self.kind, self.timestamp_ns)
+        ]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "TAG")
+        disk_id, seq, tag_id = r.text(), r.u64(), r.text()
+        kind, timestamp = r.fixed(_TAG_TAIL)
+        r.end()
+        return cls(disk_id, r.seq(seq), tag_id, r.enum(TagKind, kind), timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    TYPE: ClassVar[MsgType] = MsgType.ACK
+    disk_id: str
+    seq: int
+
+    def encode(self) -> list[Buffer]:
+        return [_str(self.disk_id) + _pack(_U64, self.seq)]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "ACK")
+        msg = cls(r.text(), r.u64())
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    TYPE: ClassVar[MsgType] = MsgType.ERROR
+    code: ErrorCode | int
+    message: str
+
+    def encode(self) -> list[Buffer]:
+        text = self.message.encode()[:MAX_STR].decode(errors="ignore")
+        return [_pack(_U16, self.code) + _str(text)]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "ERROR")
+        raw = r.u16()
+        message = r.text()
+        r.end()
+        try:
+            return cls(ErrorCode(raw), message)
+        except ValueError:
+            return cls(raw, message)  # a newer peer's code: keep the number
+
+
+@dataclass(frozen=True, slots=True)
+class _Nonce:
+    TYPE: ClassVar[MsgType]
+    nonce: int
+
+    def encode(self) -> list[Buffer]:
+        return [_pack(_U64, self.nonce)]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, cls.TYPE.name)
+        msg = cls(r.u64())
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(_Nonce):
+    TYPE: ClassVar[MsgType] = MsgType.PING
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(_Nonce):
+    TYPE: ClassVar[MsgType] = MsgType.PONG
+
+
+def _json_body(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A control-plane call; `params` is a JSON object (bytes) or empty."""
+
+    TYPE: ClassVar[MsgType] = MsgType.REQUEST
+    request_id: int
+    method: str
+    params: bytes
+
+    @classmethod
+    def make(cls, request_id: int, method: str, **params: Any) -> Self:
+        return cls(request_id, method, json.dumps(params, separators=(",", ":")).encode())
+
+    def json(self) -> dict[str, Any]:
+        """The parameters; InvalidRequest if they are not a JSON object."""
+        value = _json_body(self.params, f"params of {self.method}")
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"params of {self.method} must be a JSON object")
+        return value
+
+    def encode(self) -> list[Buffer]:
+        return [_pack(_U64, self.request_id) + _str(self.method), self.params]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "REQUEST")
+        return cls(r.u64(), r.text(), r.rest())
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    TYPE: ClassVar[MsgType] = MsgType.RESPONSE
+    request_id: int
+    ok: bool
+    result: bytes
+
+    @classmethod
+    def make(cls, request_id: int, result: Any, *, ok: bool = True) -> Self:
+        return cls(request_id, ok, json.dumps(result, separators=(",", ":")).encode())
+
+    def json(self) -> Any:
+        return _json_body(self.result, f"result of request {self.request_id}")
+
+    def encode(self) -> list[Buffer]:
+        return [_pack(_U64, self.request_id) + _U8.pack(1 if self.ok else 0), self.result]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "RESPONSE")
+        request_id, ok = r.u64(), r.u8()
+        if ok > 1:
+            raise MalformedBody(f"RESPONSE ok flag {ok} is not 0 or 1")
+        return cls(request_id, bool(ok), r.rest())
+
+
+Message = (
+    Hello
+    | Welcome
+    | OpenDisk
+    | DiskOpened
+    | Data
+    | Tag
+    | Ack
+    | Error
+    | Ping
+    | Pong
+    | Request
+    | Response
+)
+
+MESSAGE_TYPES: dict[int, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}
+assert set(MESSAGE_TYPES) == set(MsgType), "every MsgType needs its message class"
+
+
+def encode_message(msg: Message, *, max_body: int | None = None) -> list[Buffer]:
+    """The whole frame (header + body parts) for `msg`."""
+    if max_body is None:
+        return encode_frame(msg.TYPE, msg.encode())
+    return encode_frame(msg.TYPE, msg.encode(), max_body=max_body)
+
+
+def decode_message(frame: Frame) -> Message:
+    cls = MESSAGE_TYPES.get(frame.type)
+    if cls is None:
+        raise UnknownType(f"unknown message type {frame.type}")
+    return cls.decode(frame.body)

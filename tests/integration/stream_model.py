@@ -1,0 +1,96 @@
+"""A deterministic replication stream and the disk image it must produce.
+
+Tests send `StreamScript` messages to a real receiver and compare what lands on disk
+with `image_at(seq)`: the source disk as it was after applying the first `seq` frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from appliance.wire.messages import Data, Encoding, Tag, TagKind
+
+BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class Op:
+    seq: int
+    kind: str  # "data", "zero" or "tag"
+    offset: int = 0
+    length: int = 0
+    tag_id: str = ""
+
+
+class StreamScript:
+    """`count` frames: random extents (some in a hot region, some zero) and tags."""
+
+    def __init__(
+        self, seed: int, size: int, count: int, *, max_blocks: int = 256, tag_every: int = 20
+    ) -> None:
+        self.seed, self.size = seed, size
+        rng = random.Random(seed)
+        blocks = size // BLOCK
+        self.ops: list[Op] = []
+        for seq in range(1, count + 1):
+            if rng.randrange(tag_every) == 0:
+                self.ops.append(Op(seq, "tag", tag_id=f"t{seq:06d}"))
+                continue
+            length = rng.randint(1, max_blocks)
+            hot = rng.random() < 0.4  # overwrite a small region often: undo data matters
+            start = rng.randrange(0, max(1, (blocks // 16 if hot else blocks) - length))
+            kind = "zero" if rng.random() < 0.05 else "data"
+            self.ops.append(Op(seq, kind, start * BLOCK, length * BLOCK))
+
+    def payload(self, op: Op) -> bytes:
+        rng = random.Random(self.seed * 1_000_003 + op.seq)
+        # Half random, half repeated text: compressible enough to exercise zstd paths.
+        half = op.length // 2
+        text = (b"secondsite %d " % op.seq) * (op.length // 12 + 1)
+        return rng.randbytes(half) + text[: op.length - half]
+
+    def message(self, op: Op, disk_id: str) -> Data | Tag:
+        if op.kind == "tag":
+            return Tag(
+                disk_id, op.seq, op.tag_id, TagKind.CRASH, 1_700_000_000_000_000_000 + op.seq
+            )
+        if op.kind == "zero":
+            return Data(disk_id, op.seq, op.offset, op.length, Encoding.ZERO, b"")
+        return Data(disk_id, op.seq, op.offset, op.length, Encoding.RAW, self.payload(op))
+
+    def tags(self) -> list[Op]:
+        return [op for op in self.ops if op.kind == "tag"]
+
+    def image_at(self, seq: int) -> bytearray:
+        image = bytearray(self.size)
+        for op in self.ops[:seq]:
+            self._apply(image, op)
+        return image
+
+    def images_at(self, seqs: list[int]) -> dict[int, str]:
+        """sha256 of the image after each of `seqs`, in one pass over the stream."""
+        wanted, digests = sorted(set(seqs)), {}
+        image = bytearray(self.size)
+        done = 0
+        for target in wanted:
+            for op in self.ops[done:target]:
+                self._apply(image, op)
+            done = target
+            digests[target] = hashlib.sha256(image).hexdigest()
+        return digests
+
+    def _apply(self, image: bytearray, op: Op) -> None:
+        if op.kind == "data":
+            image[op.offset : op.offset + op.length] = self.payload(op)
+        elif op.kind == "zero":
+            image[op.offset : op.offset + op.length] = bytes(op.length)
+
+
+def file_sha256(path: str | bytes) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,102 @@
+"""Run a real `secondsite-targetd` process for tests: start, wait for READY, kill, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.conftest import TlsMaterial
+
+
+@dataclass
+class TargetDaemon:
+    state_dir: Path
+    port: int
+    tls: TlsMaterial
+    extra_config: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+    starts: int = 0
+
+    def __post_init__(self) -> None:
+        self.log_path = self.state_dir.parent / f"{self.state_dir.name}.log"
+        self.config = self.state_dir.parent / f"{self.state_dir.name}.toml"
+        self.config.write_text(
+            f"""
+[server]
+name = "target-test"
+listen = "127.0.0.1:{self.port}"
+state_dir = "{self.state_dir}"
+
+[tls]
+cert = "{self.tls.server.cert}"
+key = "{self.tls.server.key}"
+ca = "{self.tls.ca.cert}"
+{self.extra_config}
+"""
+        )
+
+    @property
+    def datastore(self) -> Path:
+        return self.state_dir / "datastore"
+
+    def start(self, timeout: float = 30) -> None:
+        """Start the daemon and wait for READY=1 on our own NOTIFY_SOCKET."""
+        assert self.process is None or self.process.poll() is not None
+        notify_path = self.state_dir.parent / f"notify-{self.state_dir.name}"
+        notify_path.unlink(missing_ok=True)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        notify.settimeout(0.5)
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1")
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "appliance.target", "--config", str(self.config)],
+            env=env,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"targetd exited with {self.process.returncode}:\n"
+                        + self.log_path.read_text()[-3000:]
+                    )
+                try:
+                    message = notify.recv(4096).decode()
+                except TimeoutError:
+                    continue
+                if "READY=1" in message.splitlines():
+                    return
+            raise RuntimeError("targetd did not become ready:\n" + self.log_path.read_text())
+        finally:
+            notify.close()
+            notify_path.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to flush anything."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise

@@ -1,0 +1,250 @@
+"""secondsite-targetd as an operator and a peer meet it: CLI, readiness, bad input, stop."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from appliance.wire.connection import open_connection
+from appliance.wire.errors import ErrorCode, PeerError
+from appliance.wire.messages import (
+    Ack,
+    Data,
+    DiskOpened,
+    Encoding,
+    Hello,
+    Message,
+    OpenDisk,
+    Ping,
+    Pong,
+    Request,
+    Response,
+    Tag,
+    TagKind,
+    Welcome,
+)
+from appliance.wire.tls import client_context
+from tests.conftest import TlsMaterial
+from tests.integration.targetd import TargetDaemon
+
+pytestmark = pytest.mark.integration
+MIB = 1024 * 1024
+
+
+def targetd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.target", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_config_prints_resolved_defaults(tmp_path: Path) -> None:
+    out = targetd("--state-dir", str(tmp_path), "--check-config")
+    assert out.returncode == 0, out.stderr
+    config = json.loads(out.stdout)
+    assert config["port"] == 9442
+    assert config["datastore"] == str(tmp_path / "datastore")
+    assert config["window_bytes"] == 64 * MIB
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("[server]\nlisten = 9442\n", "server.listen = 9442 is not a str"),
+        ("[server]\nlisten = 'nohost'\n", "must be HOST:PORT"),
+        ("[stream]\nwindow_mb = 4\n", "unknown setting 'stream.window_mb'"),
+        ("[journal]\nlevel = 40\n", "must be between 1 and 19"),
+        ("[server\n", "cannot read"),
+    ],
+)
+def test_bad_config_is_one_line_exit_3(tmp_path: Path, content: str, needle: str) -> None:
+    config = tmp_path / "target.toml"
+    config.write_text(content)
+    out = targetd("--config", str(config), "--check-config")
+    assert out.returncode == 3
+    assert needle in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_config_file_and_tls_are_operator_errors(tmp_path: Path) -> None:
+    out = targetd("--config", str(tmp_path / "absent.toml"))
+    assert out.returncode == 3 and "does not exist" in out.stderr
+    out = targetd("--state-dir", str(tmp_path), "--listen", "127.0.0.1:1")
+    assert out.returncode == 3
+    assert "tls cert" in out.stderr and "hint: enrol" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_port_in_use_is_exit_4(tmp_path: Path, tls: TlsMaterial, port: int) -> None:
+    daemon = TargetDaemon(tmp_path / "t", port, tls)
+    daemon.state_dir.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        out = targetd("--config", str(daemon.config))
+    assert out.returncode == 4, out.stderr
+    assert "cannot listen" in out.stderr and "Traceback" not in out.stderr
+
+
+async def _session(daemon: TargetDaemon, tls: TlsMaterial, *msgs: Message) -> list[Message]:
+    """Send `msgs` after HELLO; collect replies until the server closes or goes quiet."""
+    import asyncio
+
+    ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
+    conn = await open_connection("127.0.0.1", daemon.port, ctx, server_hostname="localhost")
+    replies: list[Message] = []
+    try:
+        await conn.send(Hello("test", "daemon-test"))
+        for msg in msgs:
+            await conn.send(msg)
+        while True:
+            try:
+                replies.append(await asyncio.wait_for(conn.recv(), 3))
+            except (TimeoutError, PeerError) as exc:
+                if isinstance(exc, PeerError):
+                    replies.append(exc)  # type: ignore[arg-type]
+                break
+            except Exception:  # noqa: BLE001 - closed: the replies so far are the answer
+                break
+    finally:
+        conn.close()
+    return replies
+
+
+def _status(daemon: TargetDaemon, tls: TlsMaterial) -> dict:  # type: ignore[type-arg]
+    replies = uvloop.run(_session(daemon, tls, Request.make(1, "status")))
+    answer = next(r for r in replies if isinstance(r, Response))
+    assert answer.ok
+    return json.loads(answer.result)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, tls: TlsMaterial, port: int):  # type: ignore[no-untyped-def]
+    d = TargetDaemon(
+        tmp_path / "target",
+        port,
+        tls,
+        extra_config="[stream]\nwindow_mib = 1\ncheckpoint_seconds = 30\n",
+    )
+    d.state_dir.mkdir()
+    d.start()
+    yield d
+    if d.process and d.process.poll() is None:
+        d.kill()
+
+
+def test_bad_stream_input_gets_named_errors_and_is_counted(
+    daemon: TargetDaemon, tls: TlsMaterial
+) -> None:
+    page = b"x" * 4096
+    cases: list[tuple[list[Message], ErrorCode]] = [
+        ([Data("nodisk", 1, 0, 4096, Encoding.RAW, page)], ErrorCode.UNKNOWN_DISK),
+        ([OpenDisk("../escape", "m", MIB)], ErrorCode.INVALID_REQUEST),
+        (
+            [OpenDisk("beyond", "m", MIB), Data("beyond", 1, MIB, 4096, Encoding.RAW, page)],
+            ErrorCode.INVALID_REQUEST,
+        ),
+        (
+            [OpenDisk("skew", "m", MIB), Data("skew", 1, 100, 4096, Encoding.RAW, page)],
+            ErrorCode.INVALID_REQUEST,
+        ),
+        (
+            [OpenDisk("gap", "m", MIB), Data("gap", 5, 0, 4096, Encoding.RAW, page)],
+            ErrorCode.OUT_OF_WINDOW,
+        ),
+        # 4 KiB stays unacknowledged (below half the window, checkpoint timer 30 s),
+        # so a 1 MiB frame on top of it overruns the 1 MiB window: deterministic.
+        (
+            [
+                OpenDisk("window", "m", MIB),
+                Data("window", 1, 0, 4096, Encoding.RAW, page),
+                Data("window", 2, 0, MIB, Encoding.RAW, bytes(MIB)),
+            ],
+            ErrorCode.WINDOW_EXCEEDED,
+        ),
+        (
+            [OpenDisk("zstd", "m", MIB), Data("zstd", 1, 0, 4096, Encoding.ZSTD, b"not zstd")],
+            ErrorCode.MALFORMED_BODY,
+        ),
+        ([OpenDisk("beyond", "m", 2 * MIB)], ErrorCode.INVALID_REQUEST),
+        ([Welcome("x", 1, 1)], ErrorCode.PROTOCOL_VIOLATION),
+    ]
+    for msgs, code in cases:
+        replies = uvloop.run(_session(daemon, tls, *msgs))
+        errors = [r for r in replies if isinstance(r, PeerError)]
+        assert errors and errors[0].code == code, (msgs[-1], replies)
+    counts = _status(daemon, tls)["errors"]
+    assert counts["unknown_disk"] == 1
+    assert counts["invalid_request"] == 4
+    assert counts["out_of_window"] == 1
+    assert counts["window_exceeded"] == 1
+    assert counts["malformed_body"] == 1
+    assert counts["protocol_violation"] == 1
+
+
+def test_ping_requests_and_unknown_methods(daemon: TargetDaemon, tls: TlsMaterial) -> None:
+    replies = uvloop.run(
+        _session(
+            daemon,
+            tls,
+            Ping(42),
+            Request.make(7, "no-such-method"),
+            Request.make(8, "materialize", machine_id="m", tag_id="nope", name="x"),
+        )
+    )
+    assert Pong(42) in replies
+    answers = {r.request_id: r for r in replies if isinstance(r, Response)}
+    assert not answers[7].ok and "unknown method" in answers[7].result.decode()
+    assert not answers[8].ok
+
+
+def test_sigterm_makes_pending_data_durable(daemon: TargetDaemon, tls: TlsMaterial) -> None:
+    # No tag follows these writes: only the graceful stop can make them durable.
+    writes = [
+        Data("d1", s, (s - 1) * 4096, 4096, Encoding.RAW, bytes([s]) * 4096) for s in range(1, 6)
+    ]
+    replies = uvloop.run(_session(daemon, tls, OpenDisk("d1", "m", MIB), *writes))
+    assert isinstance(replies[1], DiskOpened)
+    assert daemon.stop() == 0
+    flat = daemon.datastore / "d1" / "d1-flat.vmdk"
+    assert flat.read_bytes()[: 5 * 4096] == b"".join(bytes([s]) * 4096 for s in range(1, 6))
+    daemon.start()
+    replies = uvloop.run(_session(daemon, tls, OpenDisk("d1", "m", MIB)))
+    opened = next(r for r in replies if isinstance(r, DiskOpened))
+    assert opened.durable_seq == 5
+
+
+def test_points_listed_over_rpc(daemon: TargetDaemon, tls: TlsMaterial) -> None:
+    async def run() -> list[dict]:  # type: ignore[type-arg]
+        ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
+        conn = await open_connection("127.0.0.1", daemon.port, ctx, server_hostname="localhost")
+        try:
+            await conn.send(Hello("test", "points"))
+            for msg in (
+                OpenDisk("d1", "m1", MIB),
+                Data("d1", 1, 0, 4096, Encoding.RAW, b"a" * 4096),
+                Tag("d1", 2, "p1", TagKind.APP, 1_000),
+            ):
+                await conn.send(msg)
+            # The point exists once the tag is durable, i.e. acknowledged.
+            while (reply := await conn.recv()) != Ack("d1", 2):
+                pass
+            await conn.send(Request.make(3, "points", machine_id="m1"))
+            while not isinstance(reply := await conn.recv(), Response):
+                pass
+            return json.loads(reply.result)  # type: ignore[no-any-return]
+        finally:
+            conn.close()
+
+    points = uvloop.run(run())
+    assert [(p["tag_id"], p["kind"], p["usable"]) for p in points] == [("p1", "app", True)]

@@ -1,0 +1,68 @@
+"""Hypothesis strategies for every wire message (shared by the roundtrip and fuzz tests)."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import strategies as st
+
+from appliance.wire.errors import ErrorCode
+from appliance.wire.messages import (
+    MAX_EXTENT,
+    MAX_STR,
+    Ack,
+    Data,
+    DiskOpened,
+    Encoding,
+    Error,
+    Hello,
+    Message,
+    OpenDisk,
+    Ping,
+    Pong,
+    Request,
+    Response,
+    Tag,
+    TagKind,
+    Welcome,
+)
+
+U64 = st.integers(0, 2**64 - 1)
+U32 = st.integers(0, 2**32 - 1)
+SEQ = st.integers(1, 2**64 - 1)
+
+
+def _fits(text: str) -> bool:
+    return len(text.encode()) <= MAX_STR
+
+
+# Any valid text, including multi-byte characters, up to the 1024-byte limit.
+TEXT = st.text(st.characters(codec="utf-8"), max_size=300).filter(_fits)
+JSON = st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=4)
+
+
+@st.composite
+def data_messages(draw: st.DrawFn) -> Data:
+    enc = draw(st.sampled_from(Encoding))
+    disk, seq, offset = draw(TEXT), draw(SEQ), draw(U64)
+    if enc is Encoding.RAW:
+        return Data.raw(disk, seq, offset, draw(st.binary(max_size=2048)))
+    if enc is Encoding.ZERO:
+        return Data.zero(disk, seq, offset, draw(st.integers(0, MAX_EXTENT)))
+    return Data.compressed(disk, seq, offset, draw(st.binary(max_size=2048)))
+
+
+MESSAGES: st.SearchStrategy[Message] = st.one_of(
+    st.builds(Hello, TEXT, TEXT),
+    st.builds(Welcome, TEXT, U64, U32),
+    st.builds(OpenDisk, TEXT, TEXT, U64),
+    st.builds(DiskOpened, TEXT, U64, U64),
+    data_messages(),
+    st.builds(Tag, TEXT, SEQ, TEXT, st.sampled_from(TagKind), U64),
+    st.builds(Ack, TEXT, U64),
+    st.builds(Error, st.sampled_from(ErrorCode) | st.integers(17, 2**16 - 1), TEXT),
+    st.builds(Ping, U64),
+    st.builds(Pong, U64),
+    st.builds(Request, U64, TEXT, JSON.map(lambda d: json.dumps(d).encode()) | st.just(b"")),
+    st.builds(Response, U64, st.booleans(), st.binary(max_size=256)),
+)

@@ -1,0 +1,192 @@
+"""Messages: every type survives a roundtrip; short, long and invalid bodies are refused."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import zstandard
+from hypothesis import given, settings
+
+from appliance.wire.errors import ErrorCode, InvalidRequest, MalformedBody
+from appliance.wire.framing import FrameDecoder
+from appliance.wire.messages import (
+    MAX_EXTENT,
+    MAX_STR,
+    MESSAGE_TYPES,
+    Ack,
+    Data,
+    DiskOpened,
+    Encoding,
+    Error,
+    Hello,
+    Message,
+    MsgType,
+    OpenDisk,
+    Ping,
+    Pong,
+    Request,
+    Response,
+    Tag,
+    TagKind,
+    Welcome,
+    decode_message,
+    encode_message,
+)
+from tests.wire.strategies import MESSAGES
+
+# One of each whose body has no open-ended tail: any cut or extra byte is malformed.
+FIXED: list[Message] = [
+    Hello("process", "ps-1"),
+    Welcome("target-1", 4 << 20, 8 << 20),
+    OpenDisk("disk-0", "machine-é", 1 << 40),
+    DiskOpened("disk-0", 17, 1 << 40),
+    Tag("disk-0", 9, "tag-1", TagKind.APP, 1_700_000_000_000_000_000),
+    Ack("disk-0", 12),
+    Error(ErrorCode.OUT_OF_WINDOW, "gap"),
+    Ping(1),
+    Pong(2**64 - 1),
+    Data.raw("disk-0", 3, 4096, b"x" * 512),
+    Data.zero("disk-0", 4, 8192, 65536),
+]
+
+
+def body(msg: Message) -> bytes:
+    return b"".join(bytes(p) for p in msg.encode())
+
+
+@settings(max_examples=400)
+@given(MESSAGES)
+def test_roundtrip_through_frames(msg: Message) -> None:
+    frames = FrameDecoder().feed(b"".join(bytes(p) for p in encode_message(msg)))
+    assert len(frames) == 1
+    assert frames[0].type == msg.TYPE
+    assert decode_message(frames[0]) == msg
+    assert type(msg).decode(body(msg)) == msg
+
+
+def test_every_type_has_a_class_and_a_strategy_covers_it() -> None:
+    assert set(MESSAGE_TYPES) == set(MsgType)
+    assert {type(m) for m in FIXED} | {Request, Response} == set(MESSAGE_TYPES.values())
+
+
+@pytest.mark.parametrize("msg", FIXED, ids=lambda m: type(m).__name__)
+def test_short_and_long_bodies_are_malformed(msg: Message) -> None:
+    raw = body(msg)
+    for cut in range(len(raw)):
+        with pytest.raises(MalformedBody):
+            type(msg).decode(raw[:cut])
+    with pytest.raises(MalformedBody):
+        type(msg).decode(raw + b"\x00")
+
+
+@pytest.mark.parametrize("cls", [Request, Response])
+def test_open_ended_bodies_still_need_their_fixed_part(cls: type[Request | Response]) -> None:
+    msg = Request.make(7, "status") if cls is Request else Response.make(7, {"ok": 1})
+    raw = body(msg)
+    fixed = 8 + (2 + len("status") if cls is Request else 1)
+    for cut in range(fixed):
+        with pytest.raises(MalformedBody):
+            cls.decode(raw[:cut])
+
+
+def test_invalid_utf8_is_malformed() -> None:
+    raw = struct.pack("!H", 2) + b"\xff\xfe" + struct.pack("!H", 1) + b"n"
+    with pytest.raises(MalformedBody, match="UTF-8"):
+        Hello.decode(raw)
+
+
+def test_strings_are_limited_to_1024_bytes() -> None:
+    assert Hello.decode(body(Hello("x" * MAX_STR, ""))).role == "x" * MAX_STR
+    with pytest.raises(ValueError, match="exceeds"):
+        Hello("x" * (MAX_STR + 1), "").encode()
+    raw = struct.pack("!H", MAX_STR + 1) + b"x" * (MAX_STR + 1) + struct.pack("!H", 0)
+    with pytest.raises(MalformedBody, match="exceeds"):
+        Hello.decode(raw)
+
+
+def test_enums_and_sequence_zero_are_checked() -> None:
+    raw = bytearray(body(Data.zero("d", 1, 0, 512)))
+    raw[-1] = 9  # encoding
+    with pytest.raises(MalformedBody, match="Encoding"):
+        Data.decode(bytes(raw))
+    tag = bytearray(body(Tag("d", 1, "t", TagKind.CRASH, 5)))
+    tag[-9] = 7  # kind
+    with pytest.raises(MalformedBody, match="TagKind"):
+        Tag.decode(bytes(tag))
+    for zero_seq in (Data.zero("d", 1, 0, 512), Tag("d", 1, "t", TagKind.CRASH, 5)):
+        raw = bytearray(body(zero_seq))
+        raw[3 + 7] = 0  # the low byte of seq (after a 1-char disk id)
+        with pytest.raises(MalformedBody, match="start at 1"):
+            type(zero_seq).decode(bytes(raw))
+
+
+def test_data_payload_must_match_its_encoding() -> None:
+    def raw_body(length: int, encoding: int, payload: bytes) -> bytes:
+        return struct.pack("!H", 1) + b"d" + struct.pack("!QQIB", 1, 0, length, encoding) + payload
+
+    with pytest.raises(MalformedBody, match="RAW"):
+        Data.decode(raw_body(10, Encoding.RAW, b"x" * 9))
+    with pytest.raises(MalformedBody, match="ZERO"):
+        Data.decode(raw_body(10, Encoding.ZERO, b"x"))
+    with pytest.raises(MalformedBody, match="ZSTD"):
+        Data.decode(raw_body(10, Encoding.ZSTD, b""))
+    with pytest.raises(MalformedBody, match="exceeds"):
+        Data.decode(raw_body(MAX_EXTENT + 1, Encoding.ZERO, b""))
+    with pytest.raises(ValueError):
+        Data("d", 1, 0, 10, Encoding.RAW, b"x").encode()
+
+
+def test_data_payload_is_not_copied_and_decodes_per_encoding() -> None:
+    payload = memoryview(bytearray(b"abc" * 1000))
+    msg = Data.raw("d", 1, 0, payload)
+    assert msg.encode()[1] is payload
+    assert msg.decoded() is payload
+    assert Data.zero("d", 2, 0, 4096).decoded() == bytes(4096)
+    packed = Data.compressed("d", 3, 0, b"abc" * 1000)
+    assert packed.wire_size < 3000 and packed.length == 3000
+    decoded = Data.decode(body(packed))
+    assert isinstance(decoded.payload, memoryview)  # a view of the frame, no copy
+    assert decoded.decoded() == b"abc" * 1000
+
+
+def test_zstd_that_lies_about_its_length_is_malformed() -> None:
+    packed = zstandard.ZstdCompressor().compress(b"z" * 5000)
+    with pytest.raises(MalformedBody):
+        Data("d", 1, 0, 4096, Encoding.ZSTD, packed).decoded()  # expands past length
+    with pytest.raises(MalformedBody):
+        Data("d", 1, 0, 6000, Encoding.ZSTD, packed).decoded()  # falls short
+    with pytest.raises(MalformedBody):
+        Data("d", 1, 0, 10, Encoding.ZSTD, b"not zstd").decoded()
+
+
+def test_error_keeps_unknown_codes_and_cuts_long_messages() -> None:
+    assert Error.decode(body(Error(999, "future"))) == Error(999, "future")
+    known = Error.decode(body(Error(14, "x")))
+    assert known.code is ErrorCode.INVALID_REQUEST
+    cut = Error.decode(body(Error(ErrorCode.INTERNAL, "é" * 1000)))  # 2000 bytes of UTF-8
+    assert cut.message == "é" * 512
+
+
+def test_request_and_response_json_helpers() -> None:
+    req = Request.make(3, "points", disk="d0", limit=5)
+    assert Request.decode(body(req)).json() == {"disk": "d0", "limit": 5}
+    assert Request(4, "status", b"").json() == {}
+    with pytest.raises(InvalidRequest):
+        Request(5, "x", b"[1, 2]").json()
+    with pytest.raises(InvalidRequest):
+        Request(6, "x", b"{nope").json()
+    with pytest.raises(InvalidRequest):
+        Request(7, "x", b"[" * 100_000).json()
+    resp = Response.make(3, [1, "two"], ok=False)
+    back = Response.decode(body(resp))
+    assert back.ok is False and back.json() == [1, "two"]
+    with pytest.raises(MalformedBody, match="ok flag"):
+        Response.decode(struct.pack("!QB", 1, 2))
+
+
+def test_out_of_range_values_are_a_sender_bug() -> None:
+    with pytest.raises(ValueError):
+        Ack("d", -1).encode()
+    with pytest.raises(ValueError):
+        Welcome("t", 1, 2**32).encode()
