@@ -74,8 +74,13 @@ def start_private_bus(directory: Path, policies: Iterable[Path] = ()) -> Private
     config.write_text(_CONFIG.format(socket=socket, policy_dir=policy_dir))
     read_fd, write_fd = os.pipe()
     process = subprocess.Popen(
-        [daemon, f"--config-file={config}", "--nofork", "--nopidfile",
-         f"--print-address={write_fd}"],
+        [
+            daemon,
+            f"--config-file={config}",
+            "--nofork",
+            "--nopidfile",
+            f"--print-address={write_fd}",
+        ],
         pass_fds=(write_fd,),
         stdin=subprocess.DEVNULL,
     )

@@ -50,9 +50,15 @@ class Authority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -63,9 +69,7 @@ class Authority:
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(name, path, key, cert, directory)
 
-    def issue(
-        self, common_name: str, *, days: int = 7, not_before_days: int = 0
-    ) -> Leaf:
+    def issue(self, common_name: str, *, days: int = 7, not_before_days: int = 0) -> Leaf:
         """A leaf for `common_name`, valid for localhost/127.0.0.1 as a server too."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC) + dt.timedelta(days=not_before_days)
