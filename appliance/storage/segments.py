@@ -12,7 +12,7 @@ byte, with the log's bytes after a fixed header::
         reserved  u16  0
         start     u64  log position of the first byte after the header (== the name)
         owner     64s  UTF-8, NUL padded: the disk or stream the log belongs to
-        crc       u32  CRC32 of the 84 bytes before it
+        crc       u32  CRC-32C of the 84 bytes before it
 
 A segment is created complete or not at all: its header goes to a synced temp file
 that is then linked into place (``atomic_write``), so a crash leaves at worst a stray
@@ -25,11 +25,11 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.checksum import crc32c
 from appliance.storage.atomic import atomic_write
 
 SEGMENT_HEADER = struct.Struct("<8sHHQ64sI")
@@ -65,7 +65,7 @@ def create_segment(
 ) -> Segment:
     """Create an empty segment starting at ``start`` (never replacing a file)."""
     head = SEGMENT_HEADER.pack(magic, version, 0, start, owner.encode()[:64], 0)
-    head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
+    head = head[:-4] + struct.pack("<I", crc32c(head[:-4]))
     path = segment_path(directory, start, suffix)
     atomic_write(path, head, 0o600, exclusive=True)
     return Segment(start, path, 0)
@@ -77,7 +77,7 @@ def _check_header(path: Path, magic: bytes, version: int, suffix: str) -> int:
     if len(raw) != SEGMENT_HEADER.size:
         raise SegmentCorrupt(f"{path}: short segment header", 0)
     got_magic, got_version, _, start, _, crc = SEGMENT_HEADER.unpack(raw)
-    if got_magic != magic or zlib.crc32(raw[:-4]) != crc or got_version != version:
+    if got_magic != magic or crc32c(raw[:-4]) != crc or got_version != version:
         raise SegmentCorrupt(f"{path}: bad segment header", 0)
     if path != segment_path(path.parent, start, suffix):
         raise SegmentCorrupt(f"{path}: header says it starts at {start}", start)

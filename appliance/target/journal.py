@@ -19,9 +19,9 @@ On-disk format, directory ``<state>/journal/<disk_id>/``::
         offset       u64  byte offset on the replica disk
         raw_len      u32  length of the old contents (<= MAX_RECORD)
         stored_len   u32  bytes that follow the header
-        crc          u32  CRC32 over the stored bytes, continued over the 40 header
+        crc          u32  CRC-32C over the stored bytes, continued over the 40 header
                           bytes before it (so workers can checksum before the LSN is known)
-        hcrc         u32  CRC32 over the 44 header bytes before it (header-only checks)
+        hcrc         u32  CRC-32C over the 44 header bytes before it (header-only checks)
 
 An LSN is the position of a record byte in the concatenation of all segments' record
 areas (headers excluded): a record at LSN ``l`` in the segment starting at ``s`` is at
@@ -47,13 +47,13 @@ from __future__ import annotations
 import os
 import struct
 import threading
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
+from appliance.checksum import crc32c
 from appliance.storage.atomic import fsync_dir
 from appliance.storage.compress import compress, decompress
 from appliance.storage.faults import FaultPoint, fault_point
@@ -95,7 +95,7 @@ class Encoding(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class PendingRecord:
-    """An encoded undo record that has no LSN yet; ``crc`` is CRC32 of ``stored``."""
+    """An encoded undo record that has no LSN yet; ``crc`` is CRC-32C of ``stored``."""
 
     seq: int
     offset: int
@@ -135,7 +135,7 @@ class UndoRecord:
 def encode(seq: int, offset: int, old: bytes, level: int) -> list[PendingRecord]:
     """Undo records (at most MAX_RECORD each) for ``old``, the contents at ``offset``.
 
-    Thread-safe; zstd and CRC32 release the GIL, so several threads encode in parallel.
+    Thread-safe; zstd and CRC-32C release the GIL, so several threads encode in parallel.
     """
     out: list[PendingRecord] = []
     for pos in range(0, len(old), MAX_RECORD):
@@ -147,11 +147,9 @@ def encode(seq: int, offset: int, old: bytes, level: int) -> list[PendingRecord]
             continue
         packed = compress(piece, level)
         if packed is not None:
-            out.append(
-                PendingRecord(seq, offset + pos, n, Encoding.ZSTD, packed, zlib.crc32(packed))
-            )
+            out.append(PendingRecord(seq, offset + pos, n, Encoding.ZSTD, packed, crc32c(packed)))
         else:
-            out.append(PendingRecord(seq, offset + pos, n, Encoding.RAW, piece, zlib.crc32(piece)))
+            out.append(PendingRecord(seq, offset + pos, n, Encoding.RAW, piece, crc32c(piece)))
     return out
 
 
@@ -160,9 +158,9 @@ def _pack_header(rec: PendingRecord, lsn: int) -> bytes:
         RECORD_MAGIC, RecordKind.UNDO, rec.encoding, 0, lsn, rec.seq, rec.offset,
         rec.raw_len, len(rec.stored), 0, 0,
     )  # fmt: skip
-    crc = zlib.crc32(memoryview(head)[:_CRC_AT], rec.crc)
+    crc = crc32c(memoryview(head)[:_CRC_AT], rec.crc)
     head = head[:_CRC_AT] + struct.pack("<I", crc)
-    return head + struct.pack("<I", zlib.crc32(head))
+    return head + struct.pack("<I", crc32c(head))
 
 
 def _parse_header(buf: bytes | memoryview, lsn: int) -> tuple[int, ...] | None:
@@ -171,7 +169,7 @@ def _parse_header(buf: bytes | memoryview, lsn: int) -> tuple[int, ...] | None:
         return None
     fields = RECORD_HEADER.unpack_from(buf)
     magic, kind, encoding, _, rec_lsn, _, _, raw_len, stored_len, _, hcrc = fields
-    if magic != RECORD_MAGIC or rec_lsn != lsn or zlib.crc32(buf[:_HCRC_AT]) != hcrc:
+    if magic != RECORD_MAGIC or rec_lsn != lsn or crc32c(buf[:_HCRC_AT]) != hcrc:
         return None
     if kind != RecordKind.UNDO or encoding not in (0, 1, 2) or raw_len > MAX_RECORD:
         return None
@@ -192,7 +190,7 @@ def _read_record(reader: SegmentReader, lsn: int, limit: int) -> UndoRecord | No
     if lsn + RECORD_HEADER.size + stored_len > limit:
         return None
     stored = bytes(reader.get(lsn + RECORD_HEADER.size, stored_len, limit))
-    if len(stored) != stored_len or zlib.crc32(head[:_CRC_AT], zlib.crc32(stored)) != crc:
+    if len(stored) != stored_len or crc32c(head[:_CRC_AT], crc32c(stored)) != crc:
         return None
     return UndoRecord(lsn, seq, offset, raw_len, Encoding(encoding), stored)
 

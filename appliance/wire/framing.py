@@ -8,7 +8,7 @@ On the wire (network byte order)::
     5      1    type     message type (see messages.MsgType); framing does not judge it
     6      2    flags    reserved, 0
     8      4    length   body length in bytes, at most the receiver's maximum (8 MiB)
-    12     4    crc32    zlib.crc32 of the body
+    12     4    crc32    CRC-32C of the body (appliance.checksum)
     16     ...  body     `length` bytes
 
 "Need more bytes" and "malformed" are kept apart: `FrameDecoder.feed` returns the
@@ -21,11 +21,11 @@ from the header alone, before any of the body is buffered — or a CRC mismatch)
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+from appliance.checksum import crc32c
 from appliance.wire.errors import BadCrc, BadMagic, BadVersion, FrameTooLarge, TruncatedFrame
 
 MAGIC = b"SSWP"
@@ -54,7 +54,7 @@ def encode_frame(
     crc = 0
     for part in parts:
         length += buffer_size(part)
-        crc = zlib.crc32(part, crc)
+        crc = crc32c(part, crc)
     if length > max_body:
         raise FrameTooLarge(f"body of {length} bytes exceeds the maximum of {max_body}")
     return [HEADER.pack(MAGIC, VERSION, msg_type, flags, length, crc), *parts]
@@ -100,7 +100,7 @@ class FrameDecoder:
         self._large = bytearray()  # reused for every large body
         self._body: memoryview | None = None  # the large body being filled, in _large
         self._fill = 0
-        self._crc = 0  # running crc32 of _body[:_fill]
+        self._crc = 0  # running CRC-32C of _body[:_fill]
         self._error: _Malformed | None = None
 
     @property
@@ -147,7 +147,7 @@ class FrameDecoder:
             self._end += nbytes
             return self._parse()
         body = self._body
-        self._crc = zlib.crc32(body[self._fill : self._fill + nbytes], self._crc)
+        self._crc = crc32c(body[self._fill : self._fill + nbytes], self._crc)
         self._fill += nbytes
         if self._fill < len(body):
             return []
@@ -155,7 +155,7 @@ class FrameDecoder:
         msg_type, flags, _, crc = self._header
         self._header, self._body, self._fill = None, None, 0
         if self._crc != crc:
-            self._poison(BadCrc(f"crc32 mismatch on a {len(body)}-byte body of type {msg_type}"))
+            self._poison(BadCrc(f"CRC-32C mismatch on a {len(body)}-byte body of type {msg_type}"))
         return [Frame(msg_type, flags, body.tobytes())]
 
     def eof(self) -> None:
@@ -189,8 +189,8 @@ class FrameDecoder:
                     body = bytes(memoryview(buf)[self._start : self._start + length])
                     self._start += length
                     self._header = None
-                    if zlib.crc32(body) != crc:
-                        raise BadCrc(f"crc32 mismatch on a {length}-byte body of type {msg_type}")
+                    if crc32c(body) != crc:
+                        raise BadCrc(f"CRC-32C mismatch on a {length}-byte body of type {msg_type}")
                     frames.append(Frame(msg_type, flags, body))
                     continue
                 if length >= DIRECT:
@@ -200,7 +200,7 @@ class FrameDecoder:
                     target = memoryview(self._large)[:length]
                     target[:available] = memoryview(buf)[self._start : self._end]
                     self._body, self._fill = target, available
-                    self._crc = zlib.crc32(target[:available])
+                    self._crc = crc32c(target[:available])
                     self._start = self._end = 0
                 break
         except (BadMagic, BadVersion, FrameTooLarge, BadCrc) as exc:

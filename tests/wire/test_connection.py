@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import zlib
 from dataclasses import dataclass
 
 import pytest
 
+from appliance.checksum import crc32c
 from appliance.wire.connection import Connection, ConnectionState, open_connection, start_server
 from appliance.wire.errors import (
     BadMagic,
@@ -53,7 +53,7 @@ def wire(*msgs: Message) -> bytes:
 
 
 def frame(msg_type: int, body: bytes, *, magic: bytes = MAGIC, version: int = 1) -> bytes:
-    return HEADER.pack(magic, version, msg_type, 0, len(body), zlib.crc32(body)) + body
+    return HEADER.pack(magic, version, msg_type, 0, len(body), crc32c(body)) + body
 
 
 HELLO = wire(Hello("process", "raw"))
@@ -76,7 +76,7 @@ CASES = [
     Case("wrong-version", HELLO + frame(9, bytes(8), version=9), ErrorCode.BAD_VERSION),
     Case(
         "bad-crc",
-        HELLO + HEADER.pack(MAGIC, 1, 9, 0, 8, zlib.crc32(bytes(8)) ^ 1) + bytes(8),
+        HELLO + HEADER.pack(MAGIC, 1, 9, 0, 8, crc32c(bytes(8)) ^ 1) + bytes(8),
         ErrorCode.BAD_CRC,
     ),
     Case("unknown-type", HELLO + frame(77, b"?"), ErrorCode.UNKNOWN_TYPE),

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import struct
-import zlib
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from appliance.checksum import crc32c
 from appliance.wire.errors import (
     BadCrc,
     BadMagic,
@@ -56,7 +56,7 @@ def test_header_layout_is_the_documented_one() -> None:
     assert raw[5] == 7
     assert raw[6:8] == b"\x01\x02"
     assert struct.unpack("!I", raw[8:12])[0] == 3
-    assert struct.unpack("!I", raw[12:16])[0] == zlib.crc32(b"abc")
+    assert struct.unpack("!I", raw[12:16])[0] == crc32c(b"abc")
     assert raw[16:] == b"abc"
 
 
@@ -64,7 +64,7 @@ def test_encode_does_not_copy_payloads() -> None:
     payload = memoryview(bytearray(b"x" * 4096))
     parts = encode_frame(5, [b"head", payload])
     assert parts[2] is payload
-    assert zlib.crc32(b"head" + bytes(payload)) == HEADER.unpack(parts[0])[5]
+    assert crc32c(b"head" + bytes(payload)) == HEADER.unpack(parts[0])[5]
 
 
 def test_encode_refuses_a_body_over_the_maximum() -> None:

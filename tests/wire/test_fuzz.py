@@ -7,11 +7,11 @@ path (it is what `Connection` counts on when it turns decode errors into ERROR f
 from __future__ import annotations
 
 import itertools
-import zlib
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from appliance.checksum import crc32c
 from appliance.wire.errors import WireError
 from appliance.wire.framing import HEADER, FrameDecoder
 from appliance.wire.messages import Data, Message, Request, Response, decode_message, encode_message
@@ -76,7 +76,7 @@ def test_any_type_with_any_body_and_a_valid_crc(
     msg_type: int, flags: int, body: bytes, cuts: list[int]
 ) -> None:
     # Gets past the framing layer every time, so the message decoders see the bytes.
-    raw = HEADER.pack(b"SSWP", 1, msg_type, flags, len(body), zlib.crc32(body)) + body
+    raw = HEADER.pack(b"SSWP", 1, msg_type, flags, len(body), crc32c(body)) + body
     exercise(split(raw, cuts))
 
 
@@ -100,7 +100,7 @@ def test_mutated_valid_frames(
         if fix_crc:  # mutate the body past the CRC, to reach the message decoders
             body = bytes(frame[HEADER.size :])
             fields = list(HEADER.unpack(bytes(frame[: HEADER.size])))
-            fields[4], fields[5] = len(body), zlib.crc32(body)
+            fields[4], fields[5] = len(body), crc32c(body)
             frame[: HEADER.size] = HEADER.pack(*fields)
     stream = b"".join(bytes(f) for f in frames)
     exercise(split(stream, cuts), max_body=1 << 20)
