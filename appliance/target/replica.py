@@ -206,6 +206,15 @@ class DiskReplica:
             self._check_extent(offset, length)
             self._accept(seq, offset, length, None)
 
+    def same(self, seq: int, offset: int, length: int) -> None:
+        """Change ``seq`` rewrites ``[offset, offset+length)`` with the bytes already there
+        (the sender saw an identical write still in flight): advance the sequence only."""
+        with self._lock:
+            if not self._admit(seq):
+                return
+            self._check_extent(offset, length)
+            self._applied_seq = seq
+
     def tag(self, seq: int, tag_id: str, kind: PointKind | str, timestamp_ns: int) -> None:
         """Apply tag ``seq``: make everything before it durable and record the point."""
         point_kind = PointKind(kind)

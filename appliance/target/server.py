@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zstandard
-
 from appliance.target.errors import TargetError
 from appliance.target.store import DiskReplica, ReplicaStore
 from appliance.wire.connection import Connection
@@ -193,8 +191,10 @@ class DiskStream:
                 self.stats.tags += 1
             elif msg.encoding is Encoding.ZERO:
                 replica.write_zero(msg.seq, msg.offset, msg.length)
+            elif msg.encoding is Encoding.SAME:
+                replica.same(msg.seq, msg.offset, msg.length)
             else:
-                replica.write(msg.seq, msg.offset, _decode_payload(msg))
+                replica.write(msg.seq, msg.offset, msg.decoded())
             self.stats.bytes_applied += msg.length if isinstance(msg, Data) else 0
         due = replica.pending_bytes >= self.window_bytes // 2 or (
             replica.pending_bytes and not batch
@@ -236,18 +236,6 @@ def _check_extent(size: int, msg: Data) -> None:
         raise InvalidRequest(f"extent {msg.offset}+{msg.length} is beyond the disk ({size})")
     if msg.encoding is Encoding.RAW and len(msg.payload) != msg.length:
         raise MalformedBody(f"payload is {len(msg.payload)} bytes, length says {msg.length}")
-
-
-def _decode_payload(msg: Data) -> bytes | memoryview:
-    if msg.encoding is Encoding.RAW:
-        return msg.payload
-    try:
-        data = zstandard.ZstdDecompressor().decompress(msg.payload, max_output_size=msg.length)
-    except zstandard.ZstdError as exc:
-        raise MalformedBody(f"zstd payload does not decompress: {exc}") from None
-    if len(data) != msg.length:
-        raise MalformedBody(f"zstd payload gave {len(data)} bytes, length says {msg.length}")
-    return data
 
 
 def _as_wire_error(exc: BaseException) -> WireError:

@@ -25,7 +25,8 @@ type  message      body
 
 Sequence numbers are per disk and start at 1 (DATA and TAG share them, so seq 0 is
 rejected). Data.length is the decoded byte count: RAW carries exactly `length` bytes,
-ZSTD a zstandard frame that decodes to `length` bytes, ZERO an empty payload; `length`
+ZSTD a zstandard frame that decodes to `length` bytes, ZERO and SAME an empty payload
+(SAME: an identical write to this exact extent is still in flight; nothing changes); `length`
 is at most 64 MiB (MAX_EXTENT), so a small frame cannot expand without bound. The
 window counts DATA payload bytes as sent on the wire (`Data.wire_size`).
 
@@ -82,6 +83,9 @@ class Encoding(IntEnum):
     RAW = 0
     ZSTD = 1
     ZERO = 2
+    # The receiver already holds exactly these bytes at this extent: an identical write
+    # to the same range is still in flight. Advances the sequence only; empty payload.
+    SAME = 3
 
 
 class TagKind(IntEnum):
@@ -283,6 +287,8 @@ class Data:
             return self.payload
         if self.encoding is Encoding.ZERO:
             return bytes(self.length)
+        if self.encoding is Encoding.SAME:
+            raise ValueError(f"DATA seq {self.seq}: SAME carries no bytes of its own")
         try:
             out = zstandard.ZstdDecompressor().decompress(self.payload, max_output_size=self.length)
         except zstandard.ZstdError as exc:
@@ -295,7 +301,7 @@ class Data:
         size = self.wire_size
         if (
             (self.encoding is Encoding.RAW and size != self.length)
-            or (self.encoding is Encoding.ZERO and size)
+            or (self.encoding in (Encoding.ZERO, Encoding.SAME) and size)
             or self.length > MAX_EXTENT
         ):
             raise ValueError(f"DATA {self.encoding.name}: {size} payload bytes, {self.length=}")
@@ -315,8 +321,8 @@ class Data:
         size = len(payload)
         if enc is Encoding.RAW and size != length:
             raise MalformedBody(f"DATA RAW: {size} payload bytes for length {length}")
-        if enc is Encoding.ZERO and size:
-            raise MalformedBody(f"DATA ZERO with {size} payload bytes")
+        if enc in (Encoding.ZERO, Encoding.SAME) and size:
+            raise MalformedBody(f"DATA {enc.name} with {size} payload bytes")
         if enc is Encoding.ZSTD and not size:
             raise MalformedBody("DATA ZSTD with an empty payload")
         return cls(disk_id, r.seq(seq), offset, length, enc, payload)

@@ -18,7 +18,7 @@ BLOCK = 4096
 @dataclass(frozen=True)
 class Op:
     seq: int
-    kind: str  # "data", "zero" or "tag"
+    kind: str  # "data", "zero", "same" (repeat of the previous extent: no change) or "tag"
     offset: int = 0
     length: int = 0
     tag_id: str = ""
@@ -41,6 +41,11 @@ class StreamScript:
             length = rng.randint(1, max_blocks)
             hot = rng.random() < 0.4  # overwrite a small region often: undo data matters
             start = rng.randrange(0, max(1, (blocks // 16 if hot else blocks) - length))
+            previous = self.ops[-1] if self.ops else None
+            if previous and previous.kind == "data" and rng.random() < 0.05:
+                # An identical rewrite of the extent just sent: the process server sends SAME.
+                self.ops.append(Op(seq, "same", previous.offset, previous.length))
+                continue
             kind = "zero" if rng.random() < 0.05 else "data"
             self.ops.append(Op(seq, kind, start * BLOCK, length * BLOCK))
 
@@ -56,8 +61,9 @@ class StreamScript:
             return Tag(
                 disk_id, op.seq, op.tag_id, TagKind.CRASH, 1_700_000_000_000_000_000 + op.seq
             )
-        if op.kind == "zero":
-            return Data(disk_id, op.seq, op.offset, op.length, Encoding.ZERO, b"")
+        if op.kind in ("zero", "same"):
+            encoding = Encoding.ZERO if op.kind == "zero" else Encoding.SAME
+            return Data(disk_id, op.seq, op.offset, op.length, encoding, b"")
         return Data(disk_id, op.seq, op.offset, op.length, Encoding.RAW, self.payload(op))
 
     def tags(self) -> list[Op]:

@@ -147,6 +147,21 @@ def test_out_of_range_raises_and_changes_nothing(
     assert replica.flat.read_bytes() == b"k" * 1024 + bytes(size - 1024)
 
 
+def test_same_advances_the_sequence_and_changes_nothing(store: ReplicaStore) -> None:
+    size = 64 << 10
+    replica = store.open_disk("d", "m", size)
+    replica.write(1, 0, b"a" * 4096)
+    replica.same(2, 0, 4096)  # the sender saw seq 1's identical write still in flight
+    replica.write(3, 4096, b"b" * 512)
+    with pytest.raises(ExtentOutOfRange):
+        replica.same(4, size, 512)
+    with pytest.raises(SequenceGap):
+        replica.same(9, 0, 512)
+    assert replica.applied_seq == 3
+    assert replica.checkpoint() == 3
+    assert replica.flat.read_bytes() == b"a" * 4096 + b"b" * 512 + bytes(size - 4608)
+
+
 def test_durability_bookkeeping(store: ReplicaStore) -> None:
     replica = store.open_disk("d", "m", 1 << 20)
     assert (replica.applied_seq, replica.durable_seq, replica.pending_bytes) == (0, 0, 0)

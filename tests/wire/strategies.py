@@ -47,8 +47,8 @@ def data_messages(draw: st.DrawFn) -> Data:
     disk, seq, offset = draw(TEXT), draw(SEQ), draw(U64)
     if enc is Encoding.RAW:
         return Data.raw(disk, seq, offset, draw(st.binary(max_size=2048)))
-    if enc is Encoding.ZERO:
-        return Data.zero(disk, seq, offset, draw(st.integers(0, MAX_EXTENT)))
+    if enc in (Encoding.ZERO, Encoding.SAME):
+        return Data(disk, seq, offset, draw(st.integers(0, MAX_EXTENT)), enc, b"")
     return Data.compressed(disk, seq, offset, draw(st.binary(max_size=2048)))
 
 
