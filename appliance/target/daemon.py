@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import errno
 import json
 import logging
-import signal
 import ssl
 import sys
-from pathlib import Path
 
 import uvloop
 
-from appliance.daemon.cli import ConfigError, Unavailable, run_main
+from appliance.daemon.cli import run_main
 from appliance.daemon.logs import setup_logging
+from appliance.daemon.runner import (
+    EXIT_STATUS,
+    add_common_arguments,
+    config_path,
+    listen,
+    make_dirs,
+    serve_until_stopped,
+    tls_context,
+)
 from appliance.daemon.sdnotify import Notifier
 from appliance.settings import describe
 from appliance.target.config import DEFAULT_CONFIG, TARGET_SETTINGS, TargetConfig
@@ -24,7 +29,6 @@ from appliance.target.server import TargetService
 from appliance.target.store import ReplicaStore, StoreSettings
 from appliance.wire.connection import start_server
 from appliance.wire.errors import ErrorCounters
-from appliance.wire.tls import server_context
 
 PROG = "secondsite-targetd"
 log = logging.getLogger("secondsite.targetd")
@@ -48,9 +52,7 @@ files:
   STATE/journal/DISK/             undo journal segments
   DATASTORE/DISK/DISK.vmdk        replica disks (descriptor + -flat.vmdk)
 
-exit status:
-  0 stopped cleanly, 2 bad command line, 3 bad configuration,
-  4 a resource (port, directory) could not be used, 1 other failure.
+{EXIT_STATUS}
 
 Under systemd (Type=notify) it sends READY=1 once serving, STATUS= lines with the
 number of disks and connections, and WATCHDOG=1 when WatchdogSec= is set.
@@ -64,27 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help=f"configuration file (default {DEFAULT_CONFIG}, used only if it exists)",
-    )
-    parser.add_argument(
-        "--state-dir", metavar="DIR", help="state directory (overrides server.state_dir)"
-    )
-    parser.add_argument("--listen", metavar="HOST:PORT", help="overrides server.listen")
+    add_common_arguments(parser, DEFAULT_CONFIG)
     parser.add_argument("--datastore", metavar="DIR", help="overrides storage.datastore")
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-    )
-    parser.add_argument(
-        "--check-config",
-        action="store_true",
-        help="print the resolved configuration as JSON and exit",
-    )
     return parser
 
 
@@ -95,11 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    path = args.config
-    if path is None and DEFAULT_CONFIG.exists():
-        path = DEFAULT_CONFIG
     config = TargetConfig.load(
-        path,
+        config_path(args.config, DEFAULT_CONFIG),
         {
             "server.state_dir": args.state_dir,
             "server.listen": args.listen,
@@ -110,29 +90,16 @@ def _main(argv: list[str] | None) -> int:
         json.dump(config.as_dict(), sys.stdout, indent=2)
         print()
         return 0
-    for name in ("tls_cert", "tls_key", "tls_ca"):
-        file = getattr(config, name)
-        if not file.is_file():
-            raise ConfigError(
-                f"{name.replace('_', ' ')} {file} does not exist",
-                "enrol this master target with the configuration server, "
-                "or set tls.cert, tls.key and tls.ca",
-            )
-    for directory in (config.state_dir, config.datastore):
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise Unavailable(f"cannot create {directory}: {exc.strerror}") from None
-    uvloop.run(serve(config))
+    ssl_context = tls_context(config.tls_cert, config.tls_key, config.tls_ca)
+    make_dirs(config.state_dir, config.datastore)
+    uvloop.run(serve(config, ssl_context))
     return 0
 
 
-async def serve(config: TargetConfig, notifier: Notifier | None = None) -> None:
+async def serve(
+    config: TargetConfig, ssl_context: ssl.SSLContext, notifier: Notifier | None = None
+) -> None:
     notifier = notifier or Notifier()
-    try:
-        ssl_context = server_context(config.tls_cert, config.tls_key, config.tls_ca)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"cannot load the TLS material: {exc}") from None
     store = ReplicaStore(
         config.state_dir,
         config.datastore,
@@ -154,47 +121,34 @@ async def serve(config: TargetConfig, notifier: Notifier | None = None) -> None:
         counters=counters,
     )
     try:
-        server = await start_server(
-            service.handle, config.host, config.port, ssl_context, counters=counters
+        server = await listen(
+            lambda: start_server(
+                service.handle, config.host, config.port, ssl_context, counters=counters
+            ),
+            config.host,
+            config.port,
         )
-    except OSError as exc:
+    except BaseException:
         store.close()
-        hint = "another process holds the port" if exc.errno == errno.EADDRINUSE else None
-        raise Unavailable(f"cannot listen on {config.host}:{config.port}: {exc}", hint) from None
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    background = [asyncio.create_task(_status_loop(service, notifier))]
+        raise
+    background = []
     if config.prune_seconds:
-        background.append(asyncio.create_task(_prune_loop(store, config.prune_seconds)))
-    log.info("serving on %s:%d, datastore %s", config.host, config.port, config.datastore)
-    notifier.ready(f"Serving on {config.host}:{config.port}")
-    await stop.wait()
+        background.append(_prune_loop(store, config.prune_seconds))
 
+    def status() -> str:
+        summary = service.status()
+        return f"{len(summary['disks'])} disks, {summary['connections']} connections"
+
+    log.info("serving on %s:%d, datastore %s", config.host, config.port, config.datastore)
+    await serve_until_stopped(
+        notifier, f"Serving on {config.host}:{config.port}", status, background
+    )
     log.info("stopping: making received changes durable")
     notifier.stopping("Making received changes durable")
     server.close()
-    for task in background:
-        task.cancel()
-    await asyncio.gather(*background, return_exceptions=True)
     await service.shutdown()
     store.close()
     log.info("stopped")
-
-
-async def _status_loop(service: TargetService, notifier: Notifier) -> None:
-    interval = notifier.watchdog_interval or 10.0
-    tick = 0.0
-    while True:
-        notifier.watchdog()
-        if tick <= 0:
-            status = service.status()
-            notifier.status(f"{len(status['disks'])} disks, {status['connections']} connections")
-            tick = 10.0
-        await asyncio.sleep(min(interval, 10.0))
-        tick -= min(interval, 10.0)
 
 
 async def _prune_loop(store: ReplicaStore, every: float) -> None:
@@ -202,6 +156,5 @@ async def _prune_loop(store: ReplicaStore, every: float) -> None:
     while True:
         await asyncio.sleep(every)
         report = await loop.run_in_executor(None, store.prune)
-        with contextlib.suppress(AttributeError):
-            if report.points_removed:
-                log.info("retention: %s", report)
+        if report.points_removed:
+            log.info("retention: %s", report)

@@ -81,7 +81,7 @@ def test_missing_config_file_and_tls_are_operator_errors(tmp_path: Path) -> None
     assert out.returncode == 3 and "does not exist" in out.stderr
     out = targetd("--state-dir", str(tmp_path), "--listen", "127.0.0.1:1")
     assert out.returncode == 3
-    assert "tls cert" in out.stderr and "hint: enrol" in out.stderr
+    assert "TLS certificate" in out.stderr and "hint: enrol" in out.stderr
     assert "Traceback" not in out.stderr
 
 
