@@ -28,6 +28,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from appliance.wire.connection import Connection, ConnectionState, open_connection
@@ -207,6 +208,7 @@ class StreamSender:
         max_messages: int = MAX_MESSAGES,
         connect_timeout: float = 10.0,
         keepalive: float = 15.0,
+        on_ack: Callable[[str, int], None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -230,6 +232,7 @@ class StreamSender:
         self._fatal: BaseException | None = None
         self._progress = False  # an ACK advanced during the current session
         self._last_recv = 0.0
+        self._on_ack = on_ack
 
     # -- public API --------------------------------------------------------------------
 
@@ -284,6 +287,11 @@ class StreamSender:
         self.state = ConnectionState.CLOSED
 
     # -- the connection loop ----------------------------------------------------------
+
+    def _acked(self, disk: _Disk) -> None:
+        # The spool behind a process server frees space on this: tell it promptly.
+        if self._on_ack is not None:
+            self._on_ack(disk.disk_id, disk.window.acked_seq)
 
     def _set_fatal(self, error: BaseException) -> None:
         self._fatal = error
@@ -382,6 +390,7 @@ class StreamSender:
                 disk = self._disks.get(msg.disk_id)
                 if disk is not None and disk.window.ack(msg.seq):
                     self._progress = True
+                    self._acked(disk)
                     self._wakeup.set()
             elif isinstance(msg, DiskOpened):
                 await self._opened(conn, msg)
@@ -403,6 +412,7 @@ class StreamSender:
             )
         else:
             disk.window.ack(msg.durable_seq)
+            self._acked(disk)
             disk.window.rewind()  # resend everything after durable_seq, in order
             disk.opened = True
             self._wakeup.set()

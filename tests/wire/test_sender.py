@@ -336,3 +336,31 @@ def test_a_mute_receiver_is_detected_by_keepalive(
         await receiver.stop()
 
     run(scenario())
+
+
+@pytest.mark.integration
+def test_on_ack_reports_every_advance_in_order(
+    run: Runner, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    async def scenario() -> None:
+        receiver = Receiver(server_ctx, ack_every=4, drop_at=(30,))
+        await receiver.start()
+        seen: list[tuple[str, int]] = []
+        backoff = Backoff(initial=0.02, maximum=0.2, rng=random.Random(7))
+        sender = StreamSender(
+            "127.0.0.1", receiver.port, client_ctx, name="ps-test", backoff=backoff,
+            on_ack=lambda disk, seq: seen.append((disk, seq)),
+        )  # fmt: skip
+        sender.add_disk("d0", "m0", 1 << 30)
+        await sender.start()
+        for msg in stream(60):
+            await sender.submit(msg)
+        await sender.wait_acked("d0", 60, timeout=10)
+        seqs = [s for d, s in seen if d == "d0"]
+        assert seqs and seqs[-1] == 60
+        assert seqs == sorted(seqs), "acknowledgements must only move forward"
+        assert len(set(seqs)) > 3
+        await sender.close()
+        await receiver.stop()
+
+    run(scenario())
