@@ -26,7 +26,7 @@ from appliance.wire.messages import Data, Encoding, Tag, TagKind
 from appliance.wire.sender import StreamSender
 from appliance.wire.tls import client_context
 from tests.conftest import TlsMaterial
-from tests.integration.targetd import TargetDaemon
+from tests.integration.daemons import RoleDaemon, TargetDaemon
 from tests.pki import Authority
 
 MIB = 1024 * 1024
@@ -67,7 +67,7 @@ def plain(path: Path, offsets: list[int], data: list[bytes]) -> float:
 
 
 async def stream(
-    daemon: TargetDaemon, tls: TlsMaterial, disk: str, offsets: list[int], data: list[bytes]
+    daemon: RoleDaemon, tls: TlsMaterial, disk: str, offsets: list[int], data: list[bytes]
 ) -> float:
     ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
     sender = StreamSender("127.0.0.1", daemon.port, ctx, name="bench")

@@ -25,15 +25,15 @@ from appliance.wire.messages import DiskOpened, Hello, OpenDisk, Request, Respon
 from appliance.wire.sender import StreamSender
 from appliance.wire.tls import client_context
 from tests.conftest import TlsMaterial
+from tests.integration.daemons import RoleDaemon, TargetDaemon
 from tests.integration.stream_model import StreamScript, file_sha256
-from tests.integration.targetd import TargetDaemon
 
 DISK, MACHINE = "disk-a", "machine-a"
 SIZE = 64 * 1024 * 1024
 
 
 async def stream_phase(
-    daemon: TargetDaemon,
+    daemon: RoleDaemon,
     tls: TlsMaterial,
     script: StreamScript,
     first: int,
@@ -66,7 +66,7 @@ async def stream_phase(
 
 
 async def control(
-    daemon: TargetDaemon, tls: TlsMaterial, *requests: Request
+    daemon: RoleDaemon, tls: TlsMaterial, *requests: Request
 ) -> tuple[int, list[Response]]:
     """Open the disk (runs crash recovery), then send control requests."""
     ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)

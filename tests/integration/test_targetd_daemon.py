@@ -31,7 +31,7 @@ from appliance.wire.messages import (
 )
 from appliance.wire.tls import client_context
 from tests.conftest import TlsMaterial
-from tests.integration.targetd import TargetDaemon
+from tests.integration.daemons import RoleDaemon, TargetDaemon
 
 pytestmark = pytest.mark.integration
 MIB = 1024 * 1024
@@ -96,7 +96,7 @@ def test_port_in_use_is_exit_4(tmp_path: Path, tls: TlsMaterial, port: int) -> N
     assert "cannot listen" in out.stderr and "Traceback" not in out.stderr
 
 
-async def _session(daemon: TargetDaemon, tls: TlsMaterial, *msgs: Message) -> list[Message]:
+async def _session(daemon: RoleDaemon, tls: TlsMaterial, *msgs: Message) -> list[Message]:
     """Send `msgs` after HELLO; collect replies until the server closes or goes quiet."""
     import asyncio
 
@@ -121,7 +121,7 @@ async def _session(daemon: TargetDaemon, tls: TlsMaterial, *msgs: Message) -> li
     return replies
 
 
-def _status(daemon: TargetDaemon, tls: TlsMaterial) -> dict:  # type: ignore[type-arg]
+def _status(daemon: RoleDaemon, tls: TlsMaterial) -> dict:  # type: ignore[type-arg]
     replies = uvloop.run(_session(daemon, tls, Request.make(1, "status")))
     answer = next(r for r in replies if isinstance(r, Response))
     assert answer.ok
@@ -144,7 +144,7 @@ def daemon(tmp_path: Path, tls: TlsMaterial, port: int):  # type: ignore[no-unty
 
 
 def test_bad_stream_input_gets_named_errors_and_is_counted(
-    daemon: TargetDaemon, tls: TlsMaterial
+    daemon: RoleDaemon, tls: TlsMaterial
 ) -> None:
     page = b"x" * 4096
     cases: list[tuple[list[Message], ErrorCode]] = [
@@ -192,7 +192,7 @@ def test_bad_stream_input_gets_named_errors_and_is_counted(
     assert counts["protocol_violation"] == 1
 
 
-def test_ping_requests_and_unknown_methods(daemon: TargetDaemon, tls: TlsMaterial) -> None:
+def test_ping_requests_and_unknown_methods(daemon: RoleDaemon, tls: TlsMaterial) -> None:
     replies = uvloop.run(
         _session(
             daemon,
@@ -208,7 +208,7 @@ def test_ping_requests_and_unknown_methods(daemon: TargetDaemon, tls: TlsMateria
     assert not answers[8].ok
 
 
-def test_sigterm_makes_pending_data_durable(daemon: TargetDaemon, tls: TlsMaterial) -> None:
+def test_sigterm_makes_pending_data_durable(daemon: RoleDaemon, tls: TlsMaterial) -> None:
     # No tag follows these writes: only the graceful stop can make them durable.
     writes = [
         Data("d1", s, (s - 1) * 4096, 4096, Encoding.RAW, bytes([s]) * 4096) for s in range(1, 6)
@@ -224,7 +224,7 @@ def test_sigterm_makes_pending_data_durable(daemon: TargetDaemon, tls: TlsMateri
     assert opened.durable_seq == 5
 
 
-def test_points_listed_over_rpc(daemon: TargetDaemon, tls: TlsMaterial) -> None:
+def test_points_listed_over_rpc(daemon: RoleDaemon, tls: TlsMaterial) -> None:
     async def run() -> list[dict]:  # type: ignore[type-arg]
         ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
         conn = await open_connection("127.0.0.1", daemon.port, ctx, server_hostname="localhost")

@@ -1,4 +1,4 @@
-"""Run a real `secondsite-targetd` process for tests: start, wait for READY, kill, stop."""
+"""Run real role daemons (secondsite-targetd, -processd) for tests: start, READY, kill, stop."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ from tests.conftest import TlsMaterial
 
 
 @dataclass
-class TargetDaemon:
+class RoleDaemon:
+    """One role daemon (`module` is run with -m) with its own state dir and config file."""
+
     state_dir: Path
     port: int
     tls: TlsMaterial
     extra_config: str = ""
+    module: str = "appliance.target"
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
     starts: int = 0
@@ -27,10 +30,11 @@ class TargetDaemon:
     def __post_init__(self) -> None:
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}.log"
         self.config = self.state_dir.parent / f"{self.state_dir.name}.toml"
+        # The leading sections' keys come first: extra_config may open other sections.
         self.config.write_text(
             f"""
 [server]
-name = "target-test"
+name = "{self.state_dir.name}"
 listen = "127.0.0.1:{self.port}"
 state_dir = "{self.state_dir}"
 
@@ -57,7 +61,7 @@ ca = "{self.tls.ca.cert}"
         env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1")
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance.target", "--config", str(self.config)],
+            [sys.executable, "-m", self.module, "--config", str(self.config)],
             env=env,
             stdout=log,
             stderr=log,
@@ -78,7 +82,7 @@ ca = "{self.tls.ca.cert}"
                     continue
                 if "READY=1" in message.splitlines():
                     return
-            raise RuntimeError("targetd did not become ready:\n" + self.log_path.read_text())
+            raise RuntimeError(f"{self.module} did not become ready:\n" + self.log_path.read_text())
         finally:
             notify.close()
             notify_path.unlink(missing_ok=True)
@@ -100,3 +104,16 @@ ca = "{self.tls.ca.cert}"
             self.process.kill()
             self.process.wait()
             raise
+
+
+def TargetDaemon(
+    state_dir: Path, port: int, tls: TlsMaterial, extra_config: str = ""
+) -> RoleDaemon:
+    return RoleDaemon(state_dir, port, tls, extra_config, "appliance.target")
+
+
+def ProcessDaemon(
+    state_dir: Path, port: int, tls: TlsMaterial, target_port: int, extra_config: str = ""
+) -> RoleDaemon:
+    config = f'[target]\naddress = "127.0.0.1:{target_port}"\ntls_name = "localhost"\n'
+    return RoleDaemon(state_dir, port, tls, config + extra_config, "appliance.process")
