@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # Debian packages the build and the tests need (installed when root and missing).
-APT_PACKAGES := python3-venv libdbus-1-dev libglib2.0-dev dbus e2fsprogs util-linux \
+APT_PACKAGES := python3-venv libdbus-1-dev libglib2.0-dev dbus e2fsprogs util-linux systemd \
                 iproute2 zstd
 
 .PHONY: quickstart test lint typecheck unit bench deps venv clean

@@ -30,12 +30,17 @@ def compress(data: bytes, level: int) -> bytes | None:
     return packed if len(packed) < len(data) else None
 
 
-def decompress(packed: bytes, size: int) -> bytes:
+def decompress(packed: bytes | memoryview, size: int) -> bytes:
     """The ``size`` bytes that ``packed`` holds; ValueError if it holds anything else."""
     dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
     if dctx is None:
         dctx = _local.dctx = zstandard.ZstdDecompressor()
     try:
+        # A frame header may declare any content size, and zstandard allocates what it
+        # declares: refuse a lie before it turns into a huge allocation.
+        declared = zstandard.frame_content_size(packed)
+        if declared not in (-1, size):
+            raise ValueError(f"zstd frame declares {declared} bytes, expected {size}")
         out = dctx.decompress(packed, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise ValueError(f"undecodable zstd frame: {exc}") from exc

@@ -29,6 +29,11 @@ class FaultPoint(StrEnum):
     RECOVERY_RESTORED = "recovery.restored"  # replica rolled back, journal not yet cut
     JOURNAL_TRUNCATE = "journal.truncate"  # before the journal is cut back
     RETENTION_DROP = "retention.drop"  # points deleted, segment files not yet removed
+    SPOOL_WRITE = "spool.write"  # before each chunk of a commit's write(2)s
+    SPOOL_WRITTEN = "spool.written"  # commit's records written, not yet fdatasync'ed
+    SPOOL_ROLLOVER = "spool.rollover"  # full segment synced, the next not yet created
+    SPOOL_SYNCED = "spool.synced"  # commit durable, durable_seq not yet published
+    SPOOL_RELEASE = "spool.release"  # acked segments chosen, not yet unlinked
 
 
 FaultHook = Callable[[FaultPoint], None]

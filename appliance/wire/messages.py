@@ -49,6 +49,7 @@ from typing import Any, ClassVar, Self, get_args
 
 import zstandard
 
+from appliance.storage.compress import decompress
 from appliance.wire.errors import ErrorCode, InvalidRequest, MalformedBody, UnknownType
 from appliance.wire.framing import Body, Buffer, Frame, buffer_size, encode_frame
 
@@ -290,12 +291,9 @@ class Data:
         if self.encoding is Encoding.SAME:
             raise ValueError(f"DATA seq {self.seq}: SAME carries no bytes of its own")
         try:
-            out = zstandard.ZstdDecompressor().decompress(self.payload, max_output_size=self.length)
-        except zstandard.ZstdError as exc:
+            return decompress(self.payload, self.length)
+        except ValueError as exc:
             raise MalformedBody(f"DATA seq {self.seq}: bad zstd payload: {exc}") from exc
-        if len(out) != self.length:
-            raise MalformedBody(f"DATA seq {self.seq}: zstd gave {len(out)} of {self.length}")
-        return out
 
     def encode(self) -> list[Buffer]:
         size = self.wire_size

@@ -102,10 +102,14 @@ class OutboundWindow:
 
     async def put(self, msg: Data | Tag) -> None:
         """Admit `msg` (the next sequence), waiting for ACKs while the window is full."""
-        if self.last_seq and msg.seq != self.last_seq + 1:
-            raise ValueError(
-                f"{msg.disk_id}: seq {msg.seq} after {self.last_seq} is not contiguous"
-            )
+        if msg.seq <= self.acked_seq:
+            # The receiver already has it (it reported a durable sequence past what we
+            # had put): nothing to send, and the stream may go on from its ACK.
+            self.last_seq = max(self.last_seq, msg.seq)
+            return
+        base = max(self.last_seq, self.acked_seq)
+        if base and msg.seq != base + 1:
+            raise ValueError(f"{msg.disk_id}: seq {msg.seq} after {base} is not contiguous")
         size = cost(msg)
         while not self._fits(size):
             await self._wait()

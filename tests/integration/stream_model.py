@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from dataclasses import dataclass
 
 from appliance.wire.messages import Data, Encoding, Tag, TagKind
@@ -31,6 +32,7 @@ class StreamScript:
         self, seed: int, size: int, count: int, *, max_blocks: int = 256, tag_every: int = 20
     ) -> None:
         self.seed, self.size = seed, size
+        self.epoch_ns = time.time_ns()  # tags carry "now": retention must not prune them
         rng = random.Random(seed)
         blocks = size // BLOCK
         self.ops: list[Op] = []
@@ -56,7 +58,12 @@ class StreamScript:
         text = (b"secondsite %d " % op.seq) * (op.length // 12 + 1)
         return rng.randbytes(half) + text[: op.length - half]
 
-    def message(self, op: Op, disk_id: str) -> Data | Tag:
+    def message(self, op: Op, disk_id: str, *, same_as_raw: bool = False) -> Data | Tag:
+        """The frame for `op`; with `same_as_raw` a "same" op is the identical RAW rewrite
+        an agent sends (a process server turns it back into SAME)."""
+        if op.kind == "same" and same_as_raw:
+            previous = self.ops[op.seq - 2]
+            return Data(disk_id, op.seq, op.offset, op.length, Encoding.RAW, self.payload(previous))
         if op.kind == "tag":
             return Tag(
                 disk_id, op.seq, op.tag_id, TagKind.CRASH, 1_700_000_000_000_000_000 + op.seq

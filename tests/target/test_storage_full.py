@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from appliance.storage.faults import FaultPoint, set_fault_hook
 from appliance.target.errors import StorageFull
 from appliance.target.replica import DiskReplica
 from appliance.target.store import ReplicaStore, StoreSettings
+from tests.loopfs import small_ext4
 from tests.target.conftest import SMALL
 from tests.target.model import Op, Tag, apply, flat_of, image, random_stream
 
@@ -97,26 +96,8 @@ def test_enospc_is_storage_full_and_consistent(
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 32 MiB ext4 filesystem on a loop device, mounted at tmp_path/mnt."""
-    if os.geteuid() != 0 or not shutil.which("mkfs.ext4") or not shutil.which("losetup"):
-        pytest.skip("needs root, mkfs.ext4 and losetup")
-    image_file = tmp_path / "fs.img"
-    with open(image_file, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image_file)], check=True)
-    device = subprocess.run(
-        ["losetup", "-f", "--show", str(image_file)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    mounted = False
-    try:
-        subprocess.run(["mount", device, str(mnt)], check=True)
-        mounted = True
+    with small_ext4(tmp_path, 32) as mnt:
         yield mnt
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(mnt)], check=True)
-        subprocess.run(["losetup", "-d", device], check=True)
 
 
 @pytest.mark.root

@@ -190,3 +190,12 @@ def test_out_of_range_values_are_a_sender_bug() -> None:
         Ack("d", -1).encode()
     with pytest.raises(ValueError):
         Welcome("t", 1, 2**32).encode()
+
+
+def test_zstd_frame_declaring_a_huge_size_is_malformed_not_allocated() -> None:
+    # Found by the fuzzer: zstandard allocates the content size a frame header declares,
+    # so a small frame could make the receiver allocate gigabytes. Refused up front.
+    big = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(64 << 20))
+    assert len(big) < 64 << 10
+    with pytest.raises(MalformedBody, match="declares 67108864 bytes, expected 4096"):
+        Data("d", 1, 0, 4096, Encoding.ZSTD, big).decoded()

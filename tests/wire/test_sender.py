@@ -364,3 +364,18 @@ def test_on_ack_reports_every_advance_in_order(
         await receiver.stop()
 
     run(scenario())
+
+
+def test_window_continues_from_an_ack_past_what_was_put() -> None:
+    async def scenario() -> None:
+        window = OutboundWindow(1 << 20)
+        for seq in (1, 2, 3):
+            await window.put(data(seq))
+        window.ack(7)  # e.g. a restarted process server learns the target has up to 7
+        await window.put(data(5))  # already durable over there: dropped, no error
+        await window.put(data(8))  # the stream goes on right after the ACK
+        assert [m.seq for m in window.unacked()] == [8]
+        with pytest.raises(ValueError, match="not contiguous"):
+            await window.put(data(10))
+
+    asyncio.run(scenario())

@@ -1,0 +1,1 @@
+"""The process server: accepts agent streams, spools them crash-safely, forwards them."""

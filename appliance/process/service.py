@@ -1,0 +1,264 @@
+"""A process server's connection handling and status, tying intake, spool and forwarder."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from appliance.process.errors import ProcessError, SpoolFull
+from appliance.process.forwarder import Forwarder
+from appliance.process.health import Condition, Health
+from appliance.process.intake import IntakeStream
+from appliance.process.spool import Spool
+from appliance.wire.connection import Connection, ConnectionState
+from appliance.wire.errors import (
+    ConnectionClosed,
+    ErrorCounters,
+    InvalidRequest,
+    ProtocolViolation,
+    UnknownDisk,
+    WireError,
+)
+from appliance.wire.framing import MAX_BODY
+from appliance.wire.messages import (
+    Data,
+    DiskOpened,
+    Hello,
+    OpenDisk,
+    Ping,
+    Pong,
+    Request,
+    Response,
+    Tag,
+    Welcome,
+)
+
+log = logging.getLogger(__name__)
+
+MONITOR_SECONDS = 2.0
+
+
+class ProcessService:
+    def __init__(
+        self,
+        spool: Spool,
+        forwarder: Forwarder | None,
+        *,
+        name: str,
+        window_bytes: int,
+        counters: ErrorCounters,
+        pool: ThreadPoolExecutor,
+        health: Health | None = None,
+    ) -> None:
+        self.spool = spool
+        self.forwarder = forwarder
+        self.name = name
+        self.window_bytes = window_bytes
+        self.counters = counters
+        self.health = health or Health()
+        self.space = asyncio.Event()
+        self.space.set()
+        self.connections = 0
+        self._pool = pool
+        self._streams: dict[str, IntakeStream] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._monitor: asyncio.Task[None] | None = None
+        self.started = time.time()
+        if forwarder is None:
+            self.health.raise_(Condition.NO_TARGET, "set target.address to forward")
+
+    def start(self) -> None:
+        """Resume what the spool holds: forward it, accept its agents again."""
+        for stream in self.spool.streams():
+            self._intake(stream.disk_id)
+        self._refresh_space()
+        self._monitor = asyncio.create_task(self._monitor_loop())
+
+    def _intake(self, disk_id: str) -> IntakeStream:
+        stream = self._streams.get(disk_id)
+        if stream is None:
+            spooled = self.spool.get(disk_id)
+            stream = IntakeStream(
+                spooled, self.window_bytes, self._pool, self.health, self.space,
+                self._durable,
+            )  # fmt: skip
+            self._streams[disk_id] = stream
+            stream.start()
+            if self.forwarder is not None:
+                self.forwarder.add(spooled)
+        return stream
+
+    def _durable(self, stream: IntakeStream) -> None:
+        if self.forwarder is not None:
+            self.forwarder.wake(stream.disk_id)
+
+    def released(self) -> None:
+        """The forwarder freed spool segments: agents may go on if there is room now."""
+        self._refresh_space()
+
+    def _refresh_space(self) -> None:
+        if self.spool.full():
+            self.health.raise_(Condition.SPOOL_FULL, f"{self.spool.total_bytes} bytes spooled")
+            self.space.clear()
+        else:
+            self.health.clear(Condition.SPOOL_FULL)
+            if not self.health.active(Condition.DISK_FULL):
+                self.space.set()
+
+    async def handle(self, conn: Connection) -> None:
+        hello = await conn.recv()
+        if not isinstance(hello, Hello):
+            raise ProtocolViolation(f"expected HELLO, got {type(hello).__name__}")
+        log.info("%s connected as %s %r", conn.peer, hello.role, hello.name)
+        await conn.send(Welcome(self.name, self.window_bytes, MAX_BODY))
+        self.connections += 1
+        owned: list[IntakeStream] = []
+        try:
+            while True:
+                try:
+                    msg = await conn.recv()
+                except ConnectionClosed:
+                    return
+                if isinstance(msg, Data | Tag):
+                    stream = self._streams.get(msg.disk_id)
+                    if stream is None:
+                        raise UnknownDisk(f"disk {msg.disk_id!r} was not opened")
+                    await self._accept(stream, conn, msg)
+                elif isinstance(msg, OpenDisk):
+                    loop = asyncio.get_running_loop()
+                    try:  # creating a stream writes files: not on the event loop
+                        await loop.run_in_executor(
+                            self._pool, self.spool.stream, msg.disk_id, msg.machine_id, msg.size
+                        )
+                    except ProcessError as exc:
+                        raise InvalidRequest(str(exc)) from None
+                    stream = self._intake(msg.disk_id)
+                    durable = await stream.attach(conn)
+                    owned.append(stream)
+                    await conn.send(DiskOpened(msg.disk_id, durable, msg.size))
+                elif isinstance(msg, Ping):
+                    await conn.send(Pong(msg.nonce))
+                elif isinstance(msg, Request):
+                    self._spawn(self._answer(conn, msg))
+                else:
+                    raise ProtocolViolation(f"unexpected {type(msg).__name__}")
+        finally:
+            self.connections -= 1
+            for stream in owned:
+                stream.detach(conn)
+
+    async def _accept(self, stream: IntakeStream, conn: Connection, msg: Data | Tag) -> None:
+        # Holding `msg` while there is no room is what pauses this agent: we stop
+        # reading its connection until the spool drains.
+        while True:
+            if not self.space.is_set():
+                await self.space.wait()
+            try:
+                stream.accept(conn, msg)
+                return
+            except SpoolFull:
+                self._refresh_space()
+                if self.space.is_set():  # freed meanwhile; the limit is a soft line
+                    await asyncio.sleep(0.05)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, conn: Connection, req: Request) -> None:
+        try:
+            params = json.loads(req.params or b"{}")
+            if not isinstance(params, dict):
+                raise InvalidRequest("params must be a JSON object")
+            result = self._call(req.method, params)
+            response = Response(req.request_id, True, json.dumps(result).encode())
+        except (WireError, ValueError, TypeError, KeyError) as exc:
+            error = {"error": type(exc).__name__, "message": str(exc)}
+            response = Response(req.request_id, False, json.dumps(error).encode())
+        with contextlib.suppress(WireError):
+            await conn.send(response)
+
+    def _call(self, method: str, params: dict[str, Any]) -> Any:
+        if method == "status":
+            return self.status()
+        if method == "set_throttle":
+            mbps = params.get("mbps")
+            if mbps is not None and (not isinstance(mbps, int | float) or mbps <= 0):
+                raise InvalidRequest("mbps must be a positive number, or null for no limit")
+            if self.forwarder is None:
+                raise InvalidRequest("no master target is assigned")
+            self.forwarder.fair.set_rate(None if mbps is None else mbps * 1e6 / 8)
+            return {"mbps": mbps}
+        raise InvalidRequest(f"unknown method {method!r}")
+
+    def status(self) -> dict[str, Any]:
+        now_ns = time.time_ns()
+        disks = []
+        for stream in self._streams.values():
+            spooled = stream.spool
+            forwarded = self.forwarder.stats(stream.disk_id) if self.forwarder else None
+            oldest = spooled.oldest_unforwarded_ns
+            disks.append({
+                "disk_id": spooled.disk_id,
+                "machine_id": spooled.machine_id,
+                "connected": stream.owner is not None,
+                "durable_seq": spooled.durable_seq,
+                "target_acked_seq": spooled.target_acked_seq,
+                "backlog_bytes": spooled.backlog_bytes,
+                "backlog_records": spooled.backlog_records,
+                "oldest_unforwarded_s": round((now_ns - oldest) / 1e9, 3) if oldest else 0.0,
+                "bytes_in": stream.stats.bytes_in,
+                "bytes_raw_out": forwarded.bytes_raw if forwarded else 0,
+                "bytes_wire_out": forwarded.bytes_wire if forwarded else 0,
+                "same_frames": forwarded.same if forwarded else 0,
+            })  # fmt: skip
+        optimizer = self.forwarder.optimizer if self.forwarder else None
+        sender = self.forwarder.sender if self.forwarder else None
+        return {
+            "name": self.name,
+            "uptime_s": round(time.time() - self.started, 1),
+            "connections": self.connections,
+            "health": self.health.snapshot(),
+            "spool_bytes": self.spool.total_bytes,
+            "target": {
+                "state": str(sender.state) if sender else "none",
+                "reconnects": sender.reconnects if sender else 0,
+                "compression_ratio": round(optimizer.ratio, 3) if optimizer else 1.0,
+                "throttle_bytes_per_s": self.forwarder.fair.rate if self.forwarder else None,
+            },
+            "disks": disks,
+            "errors": self.counters.snapshot(),
+        }
+
+    async def _monitor_loop(self) -> None:
+        """Raise TARGET_UNREACHABLE while there is backlog and no link to the target."""
+        while True:
+            await asyncio.sleep(MONITOR_SECONDS)
+            if self.forwarder is None:
+                continue
+            backlog = any(s.spool.backlog_records for s in self._streams.values())
+            if self.forwarder.sender.state is ConnectionState.OPEN:
+                self.health.clear(Condition.TARGET_UNREACHABLE)
+            elif backlog:
+                self.health.raise_(
+                    Condition.TARGET_UNREACHABLE, str(self.forwarder.sender.last_error)
+                )
+            # A fully acknowledged active segment is kept while its stream is busy (it
+            # rolls over soon enough); here, every few seconds, it goes.
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.spool.reclaim)
+            self._refresh_space()
+
+    async def shutdown(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for stream in list(self._streams.values()):
+            if not self.health.active(Condition.DISK_FULL):
+                await stream.stop()
+        if self.forwarder is not None:
+            await self.forwarder.close()

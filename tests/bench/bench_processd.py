@@ -1,0 +1,184 @@
+"""End to end through a real secondsite-processd into a real secondsite-targetd.
+
+1. Throughput: an agent (StreamSender in this process) sends N MiB of semi-compressible
+   1 MiB extents (half random, half log text, every 8th zero) to processd, which spools,
+   optimises and forwards to targetd; timed until targetd has it all durable. Baseline
+   in the same run: single-thread zstd level 1 over the same extents. Target: e2e MB/s
+   >= 0.7 x the baseline (the compression stage is meant to be the limit on 2 cores).
+2. Many agents: 100 agent connections (one disk each) trickling 32 KiB every 200 ms
+   while processd is throttled below the offered load, so every disk has a backlog;
+   reported: processd peak RSS (VmHWM; target < 200 MiB) and fairness = the largest
+   per-disk backlog over the median (target <= 2).
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from appliance.wire.connection import open_connection  # noqa: E402
+from appliance.wire.messages import Data, Hello, Request, Response  # noqa: E402
+from appliance.wire.sender import StreamSender  # noqa: E402
+from appliance.wire.tls import client_context  # noqa: E402
+from tests.bench.bench_compress import baseline, make_extents  # noqa: E402
+from tests.conftest import TlsMaterial  # noqa: E402
+from tests.integration.daemons import ProcessDaemon, RoleDaemon, TargetDaemon  # noqa: E402
+from tests.pki import Authority  # noqa: E402
+
+MIB = 1024 * 1024
+TOTAL_MIB = int(os.environ.get("BENCH_PROCESSD_MIB", "512"))
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+AGENTS = int(os.environ.get("BENCH_AGENTS", "100"))
+DISK_SIZE = 4096 * MIB
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def rpc(daemon: RoleDaemon, tls: TlsMaterial, method: str, **params: object) -> dict:  # type: ignore[type-arg]
+    ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
+    conn = await open_connection("127.0.0.1", daemon.port, ctx, server_hostname="localhost")
+    try:
+        await conn.send(Hello("admin", "bench"))
+        await conn.recv()
+        await conn.send(Request.make(1, method, **params))
+        while not isinstance(reply := await conn.recv(), Response):
+            pass
+        return json.loads(reply.result)  # type: ignore[no-any-return]
+    finally:
+        conn.close()
+
+
+async def wait_durable(target: RoleDaemon, tls: TlsMaterial, disk: str, seq: int) -> None:
+    while True:
+        disks = {d["disk_id"]: d for d in (await rpc(target, tls, "status"))["disks"]}
+        if disks.get(disk, {}).get("durable_seq", 0) >= seq:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def throughput(process: RoleDaemon, target: RoleDaemon, tls: TlsMaterial, disk: str,
+                     extents: list[bytes]) -> float:  # fmt: skip
+    ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
+    sender = StreamSender("127.0.0.1", process.port, ctx, name="bench-agent", role="agent")
+    sender.add_disk(disk, "bench", DISK_SIZE)
+    await sender.start()
+    started = time.perf_counter()
+    for i, extent in enumerate(extents):
+        await sender.submit(Data.raw(disk, i + 1, (i * MIB) % DISK_SIZE, extent))
+    await sender.wait_acked(disk, len(extents), timeout=600)
+    await wait_durable(target, tls, disk, len(extents))
+    elapsed = time.perf_counter() - started
+    await sender.close()
+    return len(extents) * MIB / 1e6 / elapsed
+
+
+async def many_agents(process: RoleDaemon, tls: TlsMaterial, seconds: float) -> dict:  # type: ignore[type-arg]
+    ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
+    chunk = os.urandom(32 * 1024)
+    senders = []
+    for n in range(AGENTS):
+        sender = StreamSender("127.0.0.1", process.port, ctx, name=f"agent{n}", role="agent")
+        sender.add_disk(f"many{n}", f"host{n}", 64 * MIB)
+        await sender.start()
+        senders.append(sender)
+
+    async def trickle(n: int, sender: StreamSender) -> None:
+        seq = 0
+        await asyncio.sleep(n * 0.002)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            seq += 1
+            await sender.submit(Data.raw(f"many{n}", seq, (seq * 32768) % (64 * MIB), chunk))
+            await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(trickle(n, s) for n, s in enumerate(senders)))
+    status = await rpc(process, tls, "status")
+    for sender in senders:
+        await sender.close()
+    backlogs = sorted(
+        d["backlog_bytes"] for d in status["disks"] if d["disk_id"].startswith("many")
+    )
+    median = statistics.median(backlogs)
+    return {
+        "agents": AGENTS,
+        "backlog_max": backlogs[-1],
+        "backlog_median": median,
+        "fairness_max_over_median": round(backlogs[-1] / median, 2) if median else None,
+    }
+
+
+def vm_hwm(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    base = Path(tempfile.mkdtemp(prefix="bench-processd-", dir="/var/tmp"))
+    ca = Authority.create(base / "pki")
+    tls = TlsMaterial(ca, ca.issue("site.bench"), ca.issue("agent.bench"), ca, ca.issue("x"),
+                      ca.issue("y"))  # fmt: skip
+    target = TargetDaemon(base / "target", free_port(), tls)
+    process = ProcessDaemon(base / "process", free_port(), tls, target.port)
+    extents = make_extents(TOTAL_MIB)
+    ours, zstd1 = [], []
+    try:
+        for d in (target, process):
+            d.state_dir.mkdir()
+            d.start()
+        for run in range(RUNS):
+            elapsed, _ = baseline(extents)
+            zstd1.append(len(extents) * MIB / 1e6 / elapsed)
+            ours.append(uvloop.run(throughput(process, target, tls, f"disk{run}", extents)))
+            print(f"run {run}: end to end {ours[-1]:.0f} MB/s, "
+                  f"zstd-1 one thread {zstd1[-1]:.0f} MB/s", flush=True)  # fmt: skip
+        # 20 Mbit/s toward the target against ~16 MB/s offered: every disk queues.
+        uvloop.run(rpc(process, tls, "set_throttle", mbps=20))
+        assert process.process is not None
+        fairness = uvloop.run(many_agents(process, tls, 15.0))
+        rss = vm_hwm(process.process.pid)
+    finally:
+        for d in (process, target):
+            if d.process and d.process.poll() is None:
+                d.stop()
+        for p in sorted(base.rglob("*"), reverse=True):
+            p.unlink() if not p.is_dir() else p.rmdir()
+        base.rmdir()
+    ratio = statistics.median(o / z for o, z in zip(ours, zstd1, strict=True))
+    result = {
+        "bench": "processd",
+        "e2e_mb_s": round(statistics.median(ours), 1),
+        "zstd1_single_thread_mb_s": round(statistics.median(zstd1), 1),
+        "ratio": round(ratio, 3),
+        "processd_rss_peak_mib": round(rss, 1),
+        **fairness,
+        "runs": RUNS,
+        "mib_per_run": TOTAL_MIB,
+    }
+    print(f"median: end to end {result['e2e_mb_s']} MB/s = {ratio:.2f} of single-thread zstd-1 "
+          f"(target 0.7); processd peak RSS {result['processd_rss_peak_mib']} MiB with {AGENTS} "
+          f"agents (target < 200); largest backlog / median {fairness['fairness_max_over_median']}"
+          " (target <= 2)")  # fmt: skip
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Fixtures for the spool tests: small segments, deterministic message streams."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.process.spool import Spool, SpoolSettings
+from appliance.process.stream import SpoolStream
+from appliance.storage.faults import set_fault_hook
+from appliance.wire.messages import Data, Tag, TagKind
+
+# Small segments so a few hundred KiB of records roll over many times.
+SMALL = SpoolSettings(segment_bytes=64 << 10, limit_bytes=64 << 20)
+DISK = "disk-0"
+MACHINE = "machine-0"
+SIZE = 1 << 30
+
+Message = Data | Tag
+SpoolFactory = Callable[..., Spool]
+
+
+def messages(n: int, seed: int = 1, *, start: int = 1, disk_id: str = DISK) -> list[Message]:
+    """``n`` messages from seq ``start``: RAW, ZSTD and ZERO extents and a tag every 9."""
+    rnd = random.Random(seed)
+    out: list[Message] = []
+    for seq in range(start, start + n):
+        offset = rnd.randrange(0, SIZE >> 12) << 12
+        kind = seq % 9
+        if kind == 0:
+            tag_kind = TagKind.APP if seq % 2 else TagKind.CRASH
+            out.append(Tag(disk_id, seq, f"tag-{seq}", tag_kind, rnd.getrandbits(63)))
+        elif kind in (1, 5):
+            text = bytes(rnd.choice(b"abcdefgh") for _ in range(64)) * rnd.randrange(8, 200)
+            out.append(Data.compressed(disk_id, seq, offset, text))
+        elif kind == 7:
+            out.append(Data.zero(disk_id, seq, offset, rnd.randrange(1, 256) << 9))
+        else:
+            out.append(Data.raw(disk_id, seq, offset, rnd.randbytes(rnd.randrange(1, 32) << 9)))
+    return out
+
+
+def payload(msgs: list[Message]) -> int:
+    return sum(m.wire_size for m in msgs if isinstance(m, Data))
+
+
+def read_all(stream: SpoolStream, after: int = 0, max_bytes: int = 100 << 10) -> list[Message]:
+    """Everything durable after ``after``, read in steps of ``max_bytes``."""
+    out: list[Message] = []
+    while batch := stream.read(after, max_bytes):
+        out += batch
+        after = batch[-1].seq
+    return out
+
+
+def segment_files(stream_dir: Path) -> list[Path]:
+    return sorted(stream_dir.glob("*.spool"))
+
+
+@pytest.fixture(autouse=True)
+def _no_fault_hook() -> Iterator[None]:
+    yield
+    set_fault_hook(None)
+
+
+@pytest.fixture
+def open_spool(tmp_path: Path) -> Iterator[SpoolFactory]:
+    """Open (or reopen) the spool of this test; every spool is closed at teardown."""
+    opened: list[Spool] = []
+
+    def factory(settings: SpoolSettings = SMALL, directory: Path | None = None) -> Spool:
+        spool = Spool(directory or tmp_path / "spool", settings)
+        opened.append(spool)
+        return spool
+
+    yield factory
+    for spool in opened:
+        spool.close()  # closing twice is harmless
+
+
+def records_in(path: Path) -> list[tuple[int, int, int]]:
+    """``(seq, file offset, size)`` of the intact records at the start of a segment
+    file, read with the format's own parser, independently of the stream's index."""
+    from appliance.process.records import RECORD_HEADER, body_ok, parse_header
+    from appliance.storage.segments import SEGMENT_HEADER
+
+    raw = path.read_bytes()
+    pos = start = int(path.name.removesuffix(".spool"), 16)
+    out: list[tuple[int, int, int]] = []
+    while (off := SEGMENT_HEADER.size + pos - start) < len(raw):
+        head = raw[off : off + RECORD_HEADER.size]
+        header = parse_header(head, pos)
+        if header is None or off + header.size > len(raw):
+            break
+        if not body_ok(head, raw[off + RECORD_HEADER.size : off + header.size]):
+            break
+        out.append((header.seq, off, header.size))
+        pos = header.end
+    return out
+
+
+def scan_file(path: Path) -> tuple[list[int], int]:
+    """The seqs of the intact records at the start of a segment file, and the file
+    offset where they end."""
+    from appliance.storage.segments import SEGMENT_HEADER
+
+    records = records_in(path)
+    end = records[-1][1] + records[-1][2] if records else SEGMENT_HEADER.size
+    return [seq for seq, _, _ in records], end
+
+
+def segment_seqs(path: Path) -> list[int]:
+    return scan_file(path)[0]
