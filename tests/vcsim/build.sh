@@ -59,7 +59,7 @@ gopath="$(mktemp -d)"
 trap 'rm -rf "$gopath"' EXIT
 # GOPATH mode against Debian's source tree; no module proxy, no network. CGO off: a static
 # binary and no C toolchain needed (the packages are installed without Recommends).
-GO111MODULE=off GOPROXY=off GOFLAGS= CGO_ENABLED=0 \
+GO111MODULE=off GOPROXY=off GOFLAGS='' CGO_ENABLED=0 \
     GOPATH="$gopath:/usr/share/gocode" GOCACHE="$cache/go-build" \
     "$go" build -trimpath -ldflags='-s -w' -o "$bin.new" "$here/main.go"
 mv -f "$bin.new" "$bin"
