@@ -12,8 +12,9 @@ APT_PACKAGES := python3-venv libdbus-1-dev libglib2.0-dev dbus e2fsprogs util-li
 
 quickstart: venv
 	@echo "secondsite: the one-machine lab arrives with the agent (issue 4); not yet."
-	@echo "Meanwhile: 'make test' runs the wire protocol and master-target suites,"
-	@echo "and '$(VENV)/bin/secondsite-targetd --help' shows the master target daemon."
+	@echo "Meanwhile: 'make test' runs the wire, master-target and process-server suites;"
+	@echo "'$(VENV)/bin/secondsite-targetd --help' and 'secondsite-processd --help' show"
+	@echo "the two role daemons, and 'make bench' measures them."
 
 test: venv lint typecheck unit
 
