@@ -107,7 +107,7 @@ def main() -> None:
         port = s.getsockname()[1]
     state = base / "target"
     state.mkdir()
-    daemon = TargetDaemon(state, port, tls)
+    daemon = TargetDaemon(state, port, tls, extra_config=os.environ.get("BENCH_TARGETD_CONFIG", ""))
     daemon.start()
     data = payloads(7)
     ours, theirs = [], []

@@ -53,7 +53,7 @@ def test_check_config_prints_resolved_defaults(tmp_path: Path) -> None:
     config = json.loads(out.stdout)
     assert config["port"] == 9442
     assert config["datastore"] == str(tmp_path / "datastore")
-    assert config["window_bytes"] == 64 * MIB
+    assert config["window_bytes"] == 32 * MIB
 
 
 @pytest.mark.parametrize(
