@@ -26,6 +26,8 @@ class RoleDaemon:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
     starts: int = 0
+    host: str = "127.0.0.1"  # the listen address written into the config
+    prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NAME]
 
     def __post_init__(self) -> None:
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}.log"
@@ -35,7 +37,7 @@ class RoleDaemon:
             f"""
 [server]
 name = "{self.state_dir.name}"
-listen = "127.0.0.1:{self.port}"
+listen = "{self.host}:{self.port}"
 state_dir = "{self.state_dir}"
 
 [tls]
@@ -59,14 +61,14 @@ ca = "{self.tls.ca.cert}"
         notify.bind(str(notify_path))
         notify.settimeout(0.5)
         env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1")
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module, "--config", str(self.config)],
-            env=env,
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [*self.prefix, sys.executable, "-m", self.module, "--config", str(self.config)],
+                env=env,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
         self.starts += 1
         deadline = time.monotonic() + timeout
         try:
