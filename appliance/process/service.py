@@ -41,6 +41,7 @@ from appliance.wire.messages import (
 log = logging.getLogger(__name__)
 
 MONITOR_SECONDS = 2.0
+RATE_MEMORY_SECONDS = 10.0
 
 
 class ProcessService:
@@ -68,6 +69,8 @@ class ProcessService:
         self._streams: dict[str, IntakeStream] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._monitor: asyncio.Task[None] | None = None
+        self._samples: dict[str, tuple[float, int, int]] = {}
+        self._rates: dict[str, tuple[float, float]] = {}
         self.started = time.time()
         if forwarder is None:
             self.health.raise_(Condition.NO_TARGET, "set target.address to forward")
@@ -214,6 +217,8 @@ class ProcessService:
                 "backlog_records": spooled.backlog_records,
                 "oldest_unforwarded_s": round((now_ns - oldest) / 1e9, 3) if oldest else 0.0,
                 "bytes_in": stream.stats.bytes_in,
+                "rate_in_bytes_s": round(self._rates.get(spooled.disk_id, (0.0, 0.0))[0]),
+                "rate_out_bytes_s": round(self._rates.get(spooled.disk_id, (0.0, 0.0))[1]),
                 "bytes_raw_out": forwarded.bytes_raw if forwarded else 0,
                 "bytes_wire_out": forwarded.bytes_wire if forwarded else 0,
                 "same_frames": forwarded.same if forwarded else 0,
@@ -236,10 +241,32 @@ class ProcessService:
             "errors": self.counters.snapshot(),
         }
 
+    def _sample_rates(self) -> None:
+        """Per-disk throughput in (from the agent) and out (on the wire to the target),
+        as exponentially weighted averages over the monitor's ticks (~10 s memory)."""
+        now = time.monotonic()
+        for disk_id, stream in self._streams.items():
+            out = self.forwarder.stats(disk_id) if self.forwarder else None
+            sample = (now, stream.stats.bytes_in, out.bytes_wire if out else 0)
+            previous = self._samples.get(disk_id)
+            self._samples[disk_id] = sample
+            if previous is None or now <= previous[0]:
+                continue
+            elapsed = now - previous[0]
+            rate_in = (sample[1] - previous[1]) / elapsed
+            rate_out = (sample[2] - previous[2]) / elapsed
+            old_in, old_out = self._rates.get(disk_id, (rate_in, rate_out))
+            weight = min(1.0, elapsed / RATE_MEMORY_SECONDS)
+            self._rates[disk_id] = (
+                old_in + weight * (rate_in - old_in),
+                old_out + weight * (rate_out - old_out),
+            )
+
     async def _monitor_loop(self) -> None:
-        """Raise TARGET_UNREACHABLE while there is backlog and no link to the target."""
+        """Rates; TARGET_UNREACHABLE while there is backlog and no link to the target."""
         while True:
             await asyncio.sleep(MONITOR_SECONDS)
+            self._sample_rates()
             if self.forwarder is None:
                 continue
             backlog = any(s.spool.backlog_records for s in self._streams.values())
