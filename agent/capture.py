@@ -1,0 +1,184 @@
+"""One consistent recovery point's payload: freeze, drain with a barrier, copy, thaw.
+
+`capture_consistent` is what the agent's tag loop calls. Inside one bounded freeze
+(`agent.quiesce.freeze`) it drains the tracker with its marker barrier (so the dirty
+set provably holds every write that completed before FIFREEZE returned), checks the
+tracker lost nothing, and preads the dirty extents into memory. Everything before the
+tag, applied on the replica, then reproduces the device as it was while frozen: the
+extents are its bytes at that instant, and the chunks not in them have not changed
+since the previous drain.
+
+It gives up rather than stretch the freeze: a dirty set over the byte budget, a copy
+that would not (or did not) finish inside the bound, or a tracker that lost events all
+yield `Untagged`, which hands back what was drained, so the caller sends it without a
+tag (read live later; the tracker marks again whatever changes meanwhile) and
+checksum-resyncs `resync`. Nothing drained is ever dropped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from agent.errors import FreezeTimeout, QuiesceFailed
+from agent.quiesce import Freeze, freeze
+from agent.trackers.base import DirtyMap, Tracker
+from agent.trackers.tracefs import TracefsTracker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET = 64 << 20  # bytes copied into memory per capture, at most
+_PIECE = 8 << 20  # read size between two looks at the deadline
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A consistent point: `extents` are (device offset, bytes) of every dirty chunk,
+    read while frozen; the tag goes after them."""
+
+    dirty: DirtyMap
+    extents: tuple[tuple[int, bytes], ...]
+    freeze_seconds: float
+    copy_seconds: float
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(data) for _, data in self.extents)
+
+
+@dataclass(frozen=True)
+class Untagged:
+    """No consistent point this time, and why. `dirty` was drained from the tracker:
+    the caller must still send it (without a tag); `resync` (if any) is what the tracker
+    lost track of, to compare by checksum."""
+
+    dirty: DirtyMap
+    resync: DirtyMap | None
+    reason: str
+    freeze_seconds: float | None
+
+
+def capture_consistent(
+    tracker: Tracker,
+    device_fd: int,
+    mounts: Iterable[str | os.PathLike[str]],
+    timeout: float = 1.0,
+    *,
+    budget: int = DEFAULT_BUDGET,
+    read_rate: float | None = None,
+    pre: Sequence[str] | None = None,
+    post: Sequence[str] | None = None,
+    on_frozen: Callable[[], None] | None = None,
+) -> Capture | Untagged:
+    """Freeze `mounts` for at most `timeout` s and capture the tracker's dirty extents.
+
+    `device_fd` must be the whole disk opened with O_DIRECT: a buffered read can be
+    served from the block device's page cache, which the filesystem's writes (issued
+    as bios) bypass, i.e. bytes older than the freeze. `read_rate` (bytes/s, e.g. the
+    last capture's) lets it give up before copying when the copy cannot fit.
+    `on_frozen` runs while still frozen after the copy (a test hook: hash the device).
+
+    Raises QuiesceFailed / BarrierTimeout / FreezeTimeout only when nothing was drained.
+    """
+    if not fcntl.fcntl(device_fd, fcntl.F_GETFL) & os.O_DIRECT:
+        raise ValueError("capture_consistent needs the device opened with O_DIRECT")
+    dirty: DirtyMap | None = None
+    resync: DirtyMap | None = None
+    reason: str | None = None
+    buffer: mmap.mmap | None = None
+    copy_seconds = 0.0
+    handle: Freeze | None = None
+    try:
+        with freeze(mounts, timeout, pre=pre, post=post) as handle:
+            dirty = _drain(tracker, handle)
+            resync = tracker.needs_resync()
+            reason = _refusal(dirty, resync, budget, read_rate, handle)
+            if reason is None:
+                started = time.monotonic()
+                buffer, reason = _copy(device_fd, dirty, handle)
+                copy_seconds = time.monotonic() - started
+                if reason is None and on_frozen is not None:
+                    on_frozen()
+    except (FreezeTimeout, QuiesceFailed) as err:
+        if dirty is None:
+            raise
+        reason = err.message
+    # Every path that leaves the freeze without draining has raised above.
+    assert dirty is not None and handle is not None and handle.duration is not None
+    if reason is not None or buffer is None:
+        if buffer is not None:
+            buffer.close()
+        log.info("no consistent point: %s", reason)
+        return Untagged(dirty, resync, reason or "nothing copied", handle.duration)
+    return Capture(dirty, _slice(buffer, dirty), handle.duration, copy_seconds)
+
+
+def _drain(tracker: Tracker, handle: Freeze) -> DirtyMap:
+    if isinstance(tracker, TracefsTracker):
+        # The barrier may use what is left of the bound, not the tracker's default.
+        return tracker.drain(barrier=True, timeout=max(handle.remaining(), 0.0))
+    return tracker.drain()
+
+
+def _refusal(
+    dirty: DirtyMap,
+    resync: DirtyMap | None,
+    budget: int,
+    read_rate: float | None,
+    handle: Freeze,
+) -> str | None:
+    if resync is not None:
+        return f"the tracker lost events ({resync.count} chunks to resync)"
+    nbytes = sum(length for _, length in dirty.extents())
+    if nbytes > budget:
+        return f"dirty set of {nbytes} bytes exceeds the capture budget of {budget}"
+    if read_rate and nbytes / read_rate > handle.remaining():
+        return f"copying {nbytes} bytes at {read_rate:.0f} B/s would overrun the freeze bound"
+    return None
+
+
+def _copy(fd: int, dirty: DirtyMap, handle: Freeze) -> tuple[mmap.mmap | None, str | None]:
+    """pread every dirty extent into one page-aligned buffer (O_DIRECT wants aligned
+    memory; an anonymous mmap is). Stops at the deadline rather than overrun it."""
+    extents = list(dirty.extents())
+    total = sum(length for _, length in extents)
+    if total == 0:
+        return mmap.mmap(-1, 1), None
+    buffer = mmap.mmap(-1, total)
+    view = memoryview(buffer)
+    try:
+        position = 0
+        for offset, length in extents:
+            done = 0
+            while done < length:
+                if handle.expired():
+                    return None, "the copy did not finish inside the freeze bound"
+                piece = min(_PIECE, length - done)
+                target = view[position + done : position + done + piece]
+                got = os.preadv(fd, [target], offset + done)
+                target.release()
+                if got <= 0:
+                    return None, f"short read at {offset + done}: device smaller than tracked"
+                done += got
+            position += length
+    except OSError as err:
+        return None, f"reading the device failed: {err}"
+    finally:
+        view.release()
+    return buffer, None
+
+
+def _slice(buffer: mmap.mmap, dirty: DirtyMap) -> tuple[tuple[int, bytes], ...]:
+    """Copy the extents out of the mmap (after the thaw: not on the frozen clock)."""
+    extents: list[tuple[int, bytes]] = []
+    position = 0
+    for offset, length in dirty.extents():
+        extents.append((offset, buffer[position : position + length]))
+        position += length
+    buffer.close()
+    return tuple(extents)
