@@ -7,6 +7,10 @@ min((i + 1) * chunk, size)): the last chunk is hashed short, never padded. xxh3_
 rather than blake3: it is not a defence against an adversary who writes the disk
 (they own the machine anyway), it is change detection, and it runs at ~9 GB/s here
 (FIELD-NOTES), so the read, not the hash, sets the scan speed.
+
+`chunk_digest`, `ALGORITHM` and `DIGEST_SIZE` are defined in `appliance.digest` (the
+master target computes the same digests and must not import the agent) and re-exported
+here.
 """
 
 from __future__ import annotations
@@ -18,19 +22,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
-import xxhash
-
 from agent.errors import DeviceResized
+from appliance.digest import ALGORITHM, DIGEST_SIZE, chunk_digest
 
-ALGORITHM = "xxh3_128"
-DIGEST_SIZE = 16
+__all__ = ["ALGORITHM", "ALIGN", "DIGEST_SIZE", "READ_SIZE", "DeviceReader", "chunk_digest"]
+
 READ_SIZE = 4 << 20  # large preads: one syscall per 64 chunks of 64 KiB
 ALIGN = 4096  # O_DIRECT alignment that covers every logical sector size in use
-
-
-def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
-    """The digest of one chunk's bytes (see the module doc for which bytes)."""
-    return bytes(xxhash.xxh3_128_digest(data))
 
 
 class DeviceReader:
@@ -136,5 +134,5 @@ class DeviceReader:
                 out = bytearray()
                 with memoryview(self._buffer) as view:
                     for at in range(0, length, chunk):
-                        out += xxhash.xxh3_128_digest(view[at : min(at + chunk, length)])
+                        out += chunk_digest(view[at : min(at + chunk, length)])
                 yield start, bytes(out)

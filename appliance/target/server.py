@@ -9,6 +9,13 @@ sender was given: a sender that overruns it is cut off with WINDOW_EXCEEDED.
 An ACK carries the engine's durable sequence, which moves at every tag and at a
 checkpoint taken when half the window is pending or `checkpoint_seconds` passed —
 so the sender's window never waits on a tag that cannot come (initial sync has none).
+
+A DIGEST_REQUEST (checksum resync) goes into the same queue as the frames, so the
+apply thread reaches it exactly after everything the sender sent before it: there it
+checkpoints, reads the chunks from the replica and digests them. Its reply is sent
+after the ACK that checkpoint produced. The connection's read loop does not wait for
+it (pings and DATA keep flowing), but a connection has at most
+`MAX_DIGESTS_IN_FLIGHT` requests queued: beyond that, reading waits for a slot.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.target.digests import replica_digests
 from appliance.target.errors import TargetError
 from appliance.target.store import DiskReplica, ReplicaStore
-from appliance.wire.connection import Connection
+from appliance.wire.connection import Connection, ConnectionState
 from appliance.wire.errors import (
     ConnectionClosed,
     ErrorCounters,
@@ -35,6 +43,7 @@ from appliance.wire.errors import (
     MalformedBody,
     OutOfWindow,
     ProtocolViolation,
+    ShuttingDown,
     StorageFailure,
     UnknownDisk,
     WindowExceeded,
@@ -44,6 +53,8 @@ from appliance.wire.framing import MAX_BODY
 from appliance.wire.messages import (
     Ack,
     Data,
+    DigestReply,
+    DigestRequest,
     DiskOpened,
     Encoding,
     Hello,
@@ -62,6 +73,9 @@ SECTOR = 512
 # Bytes handed to the apply thread at once: enough to amortise a thread hop, small
 # enough that ACKs keep flowing while a large window drains.
 APPLY_CHUNK = 16 * 1024 * 1024
+# Digest requests one connection may have queued; each holds up to 16384 chunk indexes
+# and the window does not count them, so this is what bounds their memory.
+MAX_DIGESTS_IN_FLIGHT = 4
 
 
 @dataclass
@@ -71,7 +85,37 @@ class DiskStats:
     bytes_applied: int = 0
     duplicates: int = 0
     tags: int = 0
+    digest_requests: int = 0
+    digest_chunks: int = 0
     last_ack_ns: int = 0
+
+
+@dataclass(eq=False)
+class _DigestJob:
+    """A digest request waiting in a disk's queue behind the frames sent before it.
+
+    The apply thread fills in `reply` or `error`; `done` is resolved on the event loop
+    (asyncio futures are not thread-safe), after the ACK of the checkpoint went out.
+    """
+
+    request: DigestRequest
+    done: asyncio.Future[DigestReply]
+    reply: DigestReply | None = None
+    error: WireError | None = None
+
+    def resolve(self) -> None:
+        if self.done.done():
+            return
+        if self.reply is not None:
+            self.done.set_result(self.reply)
+        else:
+            self.done.set_exception(self.error or StorageFailure("digest request dropped"))
+
+    def drop(self, error: WireError) -> None:
+        """The stream failed or stopped before this job could run."""
+        if self.reply is None and self.error is None:
+            self.error = error
+        self.resolve()
 
 
 @dataclass
@@ -89,8 +133,9 @@ class DiskStream:
     stats: DiskStats = field(default_factory=DiskStats)
     _unacked: collections.deque[tuple[int, int]] = field(default_factory=collections.deque)
     _unacked_bytes: int = 0
-    _queue: asyncio.Queue[Data | Tag] = field(default_factory=asyncio.Queue)
+    _queue: asyncio.Queue[Data | Tag | _DigestJob] = field(default_factory=asyncio.Queue)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _checkpointed_at: float = field(default_factory=time.monotonic)
     _task: asyncio.Task[None] | None = None
 
     @property
@@ -108,6 +153,7 @@ class DiskStream:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._drop_queue(ShuttingDown("the master target is stopping"))
 
     async def attach(self, conn: Connection) -> int:
         """Make `conn` the owner; return the durable sequence it must resend after."""
@@ -133,10 +179,23 @@ class DiskStream:
         durable = await loop.run_in_executor(self.executor, self.replica.checkpoint)
         self._acknowledge(durable)
 
-    def accept(self, conn: Connection, msg: Data | Tag) -> None:
-        """Check one frame on the event loop and queue it for the apply thread."""
+    def digest(self, conn: Connection, request: DigestRequest) -> asyncio.Future[DigestReply]:
+        """Queue a digest request behind everything `conn` sent before it; the future
+        gives the reply (or a WireError if the stream failed first)."""
+        self._check_owner(conn)
+        job = _DigestJob(request, asyncio.get_running_loop().create_future())
+        self.stats.digest_requests += 1
+        self._idle.clear()
+        self._queue.put_nowait(job)
+        return job.done
+
+    def _check_owner(self, conn: Connection) -> None:
         if conn is not self.owner:
             raise ProtocolViolation(f"disk {self.disk_id} is not open on this connection")
+
+    def accept(self, conn: Connection, msg: Data | Tag) -> None:
+        """Check one frame on the event loop and queue it for the apply thread."""
+        self._check_owner(conn)
         if msg.seq <= self.received_seq:
             self.stats.duplicates += 1  # a resend of what we already have: idempotent
             return
@@ -167,25 +226,41 @@ class DiskStream:
                 first = await asyncio.wait_for(self._queue.get(), timeout)
             except TimeoutError:
                 first = None
-            batch: list[Data | Tag] = [] if first is None else [first]
+            batch: list[Data | Tag | _DigestJob] = [] if first is None else [first]
             size = len(first.payload) if isinstance(first, Data) else 0
             while size < APPLY_CHUNK and not self._queue.empty():
                 item = self._queue.get_nowait()
                 batch.append(item)
                 size += len(item.payload) if isinstance(item, Data) else 0
+            jobs = [item for item in batch if isinstance(item, _DigestJob)]
             try:
                 durable = await loop.run_in_executor(self.executor, self._apply, batch)
+            except asyncio.CancelledError:
+                # Stopped mid-batch: these jobs left the queue, so `stop` cannot see them.
+                for job in jobs:
+                    job.drop(ShuttingDown("the master target is stopping"))
+                raise
             except (TargetError, WireError, OSError) as exc:
-                await self._reset(_as_wire_error(exc))
+                error = _as_wire_error(exc)
+                for job in jobs:
+                    job.drop(error)
+                await self._reset(error)
                 continue
             self._acknowledge(durable)
+            # After the ACK: a reply then tells the sender its earlier frames are durable.
+            for job in jobs:
+                job.resolve()
             if self._queue.empty():
                 self._idle.set()
 
-    def _apply(self, batch: list[Data | Tag]) -> int:
+    def _apply(self, batch: list[Data | Tag | _DigestJob]) -> int:
         """In the disk's apply thread: write, tag, and checkpoint when it is due."""
         replica = self.replica
+        durable_before = replica.durable_seq
         for msg in batch:
+            if isinstance(msg, _DigestJob):
+                self._digest(msg)
+                continue
             if isinstance(msg, Tag):
                 replica.tag(msg.seq, msg.tag_id, msg.kind.name.lower(), msg.timestamp_ns)
                 self.stats.tags += 1
@@ -196,12 +271,39 @@ class DiskStream:
             else:
                 replica.write(msg.seq, msg.offset, msg.decoded())
             self.stats.bytes_applied += msg.length if isinstance(msg, Data) else 0
+        # Half the window pending, or data older than checkpoint_seconds: a steady
+        # trickle must be acknowledged too, not only a burst or a pause.
+        now = time.monotonic()
         due = replica.pending_bytes >= self.window_bytes // 2 or (
-            replica.pending_bytes and not batch
+            replica.pending_bytes
+            and (not batch or now - self._checkpointed_at >= self.checkpoint_seconds)
         )
         if due:
             replica.checkpoint()
+        if replica.durable_seq != durable_before:
+            self._checkpointed_at = now
         return replica.durable_seq
+
+    def _digest(self, job: _DigestJob) -> None:
+        """In the apply thread, so no write of this disk runs meanwhile: checkpoint (the
+        writes before the request leave the in-memory batch and the writer thread and
+        reach the file, durably), then read and digest the chunks.
+
+        The lock keeps maintenance (prune, rollback) off the file while it is read. A
+        checkpoint failure is an apply failure (raised: the stream resets); a read
+        failure only fails this request.
+        """
+        req = job.request
+        replica = self.replica
+        with replica.maintenance():
+            replica.checkpoint()
+            try:
+                digests = replica_digests(replica.flat, replica.size, req.chunk_size, req.chunks)
+            except OSError as exc:
+                job.error = StorageFailure(f"disk {self.disk_id}: reading for digests: {exc}")
+                return
+        self.stats.digest_chunks += len(digests)
+        job.reply = DigestReply(self.disk_id, req.request_id, req.chunk_size, tuple(digests))
 
     def _acknowledge(self, durable: int) -> None:
         if durable <= self.acked_seq:
@@ -218,8 +320,7 @@ class DiskStream:
     async def _reset(self, error: WireError) -> None:
         """An apply failed: drop the queue, roll back to the checkpoint, cut the owner."""
         log.error("disk %s: apply failed: %s", self.disk_id, error)
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        self._drop_queue(error)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self.replica.recover)
         self.received_seq = self.acked_seq = self.replica.durable_seq
@@ -227,6 +328,13 @@ class DiskStream:
         self._unacked_bytes = 0
         self._idle.set()
         self.on_failure(self, error)
+
+    def _drop_queue(self, error: WireError) -> None:
+        """Forget what is queued; digest requests among it fail with `error`."""
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, _DigestJob):
+                item.drop(error)
 
 
 def _check_extent(size: int, msg: Data) -> None:
@@ -279,6 +387,7 @@ class TargetService:
         await conn.send(Welcome(self.name, self.window_bytes, MAX_BODY))
         self.connections += 1
         owned: list[DiskStream] = []
+        digest_slots = asyncio.Semaphore(MAX_DIGESTS_IN_FLIGHT)
         try:
             while True:
                 try:
@@ -286,10 +395,14 @@ class TargetService:
                 except ConnectionClosed:
                     return
                 if isinstance(msg, Data | Tag):
-                    stream = self._streams.get(msg.disk_id)
-                    if stream is None:
-                        raise UnknownDisk(f"disk {msg.disk_id!r} was not opened")
-                    stream.accept(conn, msg)
+                    self._stream_of(msg.disk_id).accept(conn, msg)
+                elif isinstance(msg, DigestRequest):
+                    stream = self._stream_of(msg.disk_id)
+                    # Back-pressure: with MAX_DIGESTS_IN_FLIGHT queued, stop reading. (If
+                    # digest() raises, this connection ends and its slots with it.)
+                    await digest_slots.acquire()
+                    reply = stream.digest(conn, msg)
+                    self._spawn(self._send_digests(conn, reply, digest_slots))
                 elif isinstance(msg, OpenDisk):
                     stream = await self._open(msg)
                     durable = await stream.attach(conn)
@@ -305,6 +418,31 @@ class TargetService:
             self.connections -= 1
             for stream in owned:
                 stream.detach(conn)
+
+    def _stream_of(self, disk_id: str) -> DiskStream:
+        stream = self._streams.get(disk_id)
+        if stream is None:
+            raise UnknownDisk(f"disk {disk_id!r} was not opened")
+        return stream
+
+    async def _send_digests(
+        self, conn: Connection, reply: asyncio.Future[DigestReply], slots: asyncio.Semaphore
+    ) -> None:
+        """Send a digest reply once the apply thread made it (in its own task, so the
+        connection's read loop goes on meanwhile)."""
+        try:
+            try:
+                answer = await reply
+            except WireError as exc:
+                # A failed stream has cut its owner already (a no-op then); a failed read
+                # has not. A connection closed by a takeover has nothing left to report.
+                if conn.state is ConnectionState.OPEN:
+                    await conn.fail(exc, count=not isinstance(exc, ShuttingDown))
+                return
+            with contextlib.suppress(WireError):  # the peer went away: nothing to answer
+                await conn.send(answer)
+        finally:
+            slots.release()
 
     async def _open(self, msg: OpenDisk) -> DiskStream:
         stream = self._streams.get(msg.disk_id)

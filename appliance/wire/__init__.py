@@ -39,6 +39,8 @@ from appliance.wire.framing import HEADER, MAX_BODY, VERSION, Frame, FrameDecode
 from appliance.wire.messages import (
     Ack,
     Data,
+    DigestReply,
+    DigestRequest,
     DiskOpened,
     Encoding,
     Error,
@@ -75,6 +77,8 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionState",
     "Data",
+    "DigestReply",
+    "DigestRequest",
     "DiskOpened",
     "Encoding",
     "Error",

@@ -5,23 +5,27 @@ Body encoding (network byte order, no padding):
 - ``u8/u16/u32/u64``: unsigned big-endian integers.
 - ``str``: u16 byte length, then that many bytes of UTF-8; at most 1024 bytes.
 - ``rest``: everything up to the end of the body (a payload, JSON bytes).
+- ``n x T``: n repetitions of T, n given by the u32 count just before.
 
-====  ===========  =======================================================================
-type  message      body
-====  ===========  =======================================================================
-1     Hello        str role, str name                                     (client, first)
-2     Welcome      str name, u64 window_bytes, u32 max_body                (server reply)
-3     OpenDisk     str disk_id, str machine_id, u64 size
-4     DiskOpened   str disk_id, u64 durable_seq, u64 size
-5     Data         str disk_id, u64 seq, u64 offset, u32 length, u8 encoding, rest payload
-6     Tag          str disk_id, u64 seq, str tag_id, u8 kind, u64 timestamp_ns
-7     Ack          str disk_id, u64 seq                     (highest durable sequence)
-8     Error        u16 code, str message
-9     Ping         u64 nonce
-10    Pong         u64 nonce
-11    Request      u64 request_id, str method, rest params (JSON)
-12    Response     u64 request_id, u8 ok (0 or 1), rest result (JSON)
-====  ===========  =======================================================================
+====  =============  =======================================================================
+type  message        body
+====  =============  =======================================================================
+1     Hello          str role, str name                                     (client, first)
+2     Welcome        str name, u64 window_bytes, u32 max_body                (server reply)
+3     OpenDisk       str disk_id, str machine_id, u64 size
+4     DiskOpened     str disk_id, u64 durable_seq, u64 size
+5     Data           str disk_id, u64 seq, u64 offset, u32 length, u8 encoding, rest payload
+6     Tag            str disk_id, u64 seq, str tag_id, u8 kind, u64 timestamp_ns
+7     Ack            str disk_id, u64 seq                     (highest durable sequence)
+8     Error          u16 code, str message
+9     Ping           u64 nonce
+10    Pong           u64 nonce
+11    Request        u64 request_id, str method, rest params (JSON)
+12    Response       u64 request_id, u8 ok (0 or 1), rest result (JSON)
+13    DigestRequest  str disk_id, u64 request_id, u32 chunk_size, u32 n, n x u64 chunk
+14    DigestReply    str disk_id, u64 request_id, u32 chunk_size, u32 n,
+                     n x (u64 chunk, 16 bytes digest)
+====  =============  =======================================================================
 
 Sequence numbers are per disk and start at 1 (DATA and TAG share them, so seq 0 is
 rejected). Data.length is the decoded byte count: RAW carries exactly `length` bytes,
@@ -29,6 +33,17 @@ ZSTD a zstandard frame that decodes to `length` bytes, ZERO and SAME an empty pa
 (SAME: an identical write to this exact extent is still in flight; nothing changes); `length`
 is at most 64 MiB (MAX_EXTENT), so a small frame cannot expand without bound. The
 window counts DATA payload bytes as sent on the wire (`Data.wire_size`).
+
+DIGEST_REQUEST asks the receiver of a disk's stream for the digests of some chunks of
+its replica (checksum resync: only chunks whose digests differ are sent again). Chunk i
+is the disk's bytes [i * chunk_size, min((i + 1) * chunk_size, size)), digested with
+`appliance.digest.chunk_digest` (the last chunk short, never padded). chunk_size is a
+positive multiple of 512 up to 16 MiB (MAX_DIGEST_CHUNK_SIZE) and n is at most 16384
+(MAX_DIGEST_CHUNKS) in both messages, which bounds the work one request asks for
+(n x chunk_size bytes read) and the reply (~384 KiB). The reply has one entry per
+distinct requested chunk inside the disk, ascending; chunks at or beyond the disk's
+end are left out. The digests describe the replica after everything the same
+connection sent for that disk before the request.
 
 An Error's code is kept even when this version does not know it: `Error.code` is then
 the plain int (an `ErrorCode` otherwise), so a newer peer's error still decodes.
@@ -43,6 +58,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar, Self, get_args
@@ -55,14 +71,23 @@ from appliance.wire.framing import Body, Buffer, Frame, buffer_size, encode_fram
 
 MAX_STR = 1024
 MAX_EXTENT = 64 * 1024 * 1024  # bounds what one DATA may decode to (zstd bombs)
+# One digest request reads at most MAX_DIGEST_CHUNKS * MAX_DIGEST_CHUNK_SIZE bytes on
+# the receiver; the agent asks for 4096 chunks of 64 KiB (256 MiB) at a time.
+MAX_DIGEST_CHUNKS = 16384
+MAX_DIGEST_CHUNK_SIZE = 16 * 1024 * 1024
+DIGEST_SIZE = 16  # appliance.digest.DIGEST_SIZE; the wire fixes it, the reply checks it
+_SECTOR = 512
 
 _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 _U64U64 = struct.Struct("!QQ")
 _DATA_FIXED = struct.Struct("!QQIB")  # seq, offset, length, encoding
 _TAG_TAIL = struct.Struct("!BQ")  # kind, timestamp_ns
 _WELCOME_TAIL = struct.Struct("!QI")  # window_bytes, max_body
+_DIGEST_HEAD = struct.Struct("!QII")  # request_id, chunk_size, count
+_DIGEST_ENTRY = struct.Struct(f"!Q{DIGEST_SIZE}s")  # chunk, digest
 
 
 class MsgType(IntEnum):
@@ -78,6 +103,8 @@ class MsgType(IntEnum):
     PONG = 10
     REQUEST = 11
     RESPONSE = 12
+    DIGEST_REQUEST = 13
+    DIGEST_REPLY = 14
 
 
 class Encoding(IntEnum):
@@ -171,6 +198,20 @@ class _Reader:
         if value == 0:
             raise MalformedBody(f"{self.name}: sequence numbers start at 1")
         return value
+
+    def digest_head(self) -> tuple[int, int, int]:
+        """request_id, chunk_size, count of a digest message, with the limits checked
+        before the count is trusted to size anything."""
+        request_id, chunk_size, count = self.fixed(_DIGEST_HEAD)
+        problem = _digest_shape_problem(chunk_size, count)
+        if problem:
+            raise MalformedBody(f"{self.name}: {problem}")
+        return request_id, chunk_size, count
+
+    def repeated(self, st: struct.Struct, count: int) -> Iterator[tuple[Any, ...]]:
+        """`count` consecutive `st` records (short body: MalformedBody before any)."""
+        start = self._need(st.size * count)
+        return st.iter_unpack(memoryview(self.body)[start : start + st.size * count])
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +458,86 @@ class Pong(_Nonce):
     TYPE: ClassVar[MsgType] = MsgType.PONG
 
 
+def _digest_shape_problem(chunk_size: int, count: int) -> str | None:
+    """Why a digest message's chunk size or count is out of bounds (None: it is not)."""
+    if chunk_size <= 0 or chunk_size % _SECTOR or chunk_size > MAX_DIGEST_CHUNK_SIZE:
+        return (
+            f"chunk size {chunk_size} is not a positive multiple of {_SECTOR} "
+            f"up to {MAX_DIGEST_CHUNK_SIZE}"
+        )
+    if count > MAX_DIGEST_CHUNKS:
+        return f"{count} chunks exceed {MAX_DIGEST_CHUNKS} per message"
+    return None
+
+
+def _digest_head(name: str, request_id: int, chunk_size: int, count: int) -> bytes:
+    problem = _digest_shape_problem(chunk_size, count)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    return _pack(_DIGEST_HEAD, request_id, chunk_size, count)
+
+
+@dataclass(frozen=True, slots=True)
+class DigestRequest:
+    """Ask for the replica's digests of `chunks` (indexes of `chunk_size`-byte chunks)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.DIGEST_REQUEST
+    disk_id: str
+    request_id: int
+    chunk_size: int
+    chunks: tuple[int, ...] = field(repr=False)
+
+    def encode(self) -> list[Buffer]:
+        head = _digest_head("DIGEST_REQUEST", self.request_id, self.chunk_size, len(self.chunks))
+        try:
+            chunks = struct.pack(f"!{len(self.chunks)}Q", *self.chunks)
+        except struct.error as exc:
+            raise ValueError(f"DIGEST_REQUEST: a chunk index is not a u64: {exc}") from exc
+        return [_str(self.disk_id) + head, chunks]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "DIGEST_REQUEST")
+        disk_id = r.text()
+        request_id, chunk_size, count = r.digest_head()
+        chunks = tuple(index for (index,) in r.repeated(_U64, count))
+        r.end()
+        return cls(disk_id, request_id, chunk_size, chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class DigestReply:
+    """The digests a DigestRequest asked for: (chunk index, 16-byte digest) pairs."""
+
+    TYPE: ClassVar[MsgType] = MsgType.DIGEST_REPLY
+    disk_id: str
+    request_id: int
+    chunk_size: int
+    digests: tuple[tuple[int, bytes], ...] = field(repr=False)
+
+    def encode(self) -> list[Buffer]:
+        head = _digest_head("DIGEST_REPLY", self.request_id, self.chunk_size, len(self.digests))
+        entries = bytearray()
+        for index, digest in self.digests:
+            # struct's "16s" would pad or cut a wrong-sized digest without a word.
+            if len(digest) != DIGEST_SIZE:
+                raise ValueError(f"DIGEST_REPLY: digest of chunk {index} has {len(digest)} bytes")
+            try:
+                entries += _DIGEST_ENTRY.pack(index, digest)
+            except struct.error as exc:
+                raise ValueError(f"DIGEST_REPLY: chunk index {index} is not a u64") from exc
+        return [_str(self.disk_id) + head, bytes(entries)]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "DIGEST_REPLY")
+        disk_id = r.text()
+        request_id, chunk_size, count = r.digest_head()
+        digests = tuple((int(i), bytes(d)) for i, d in r.repeated(_DIGEST_ENTRY, count))
+        r.end()
+        return cls(disk_id, request_id, chunk_size, digests)
+
+
 def _json_body(raw: bytes, what: str) -> Any:
     try:
         return json.loads(raw) if raw else None
@@ -494,6 +615,8 @@ Message = (
     | Pong
     | Request
     | Response
+    | DigestRequest
+    | DigestReply
 )
 
 MESSAGE_TYPES: dict[int, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}

@@ -8,10 +8,14 @@ from hypothesis import strategies as st
 
 from appliance.wire.errors import ErrorCode
 from appliance.wire.messages import (
+    DIGEST_SIZE,
+    MAX_DIGEST_CHUNK_SIZE,
     MAX_EXTENT,
     MAX_STR,
     Ack,
     Data,
+    DigestReply,
+    DigestRequest,
     DiskOpened,
     Encoding,
     Error,
@@ -52,6 +56,15 @@ def data_messages(draw: st.DrawFn) -> Data:
     return Data.compressed(disk, seq, offset, draw(st.binary(max_size=2048)))
 
 
+# Any valid chunk size: a positive multiple of 512 up to the limit.
+CHUNK_SIZE = st.integers(1, MAX_DIGEST_CHUNK_SIZE // 512).map(lambda n: n * 512)
+# Counts stay small so a message fits the fuzz tests' 4 KiB frames; the limit itself
+# is tested on its own.
+CHUNKS = st.lists(U64, max_size=40).map(tuple)
+DIGESTS = st.lists(
+    st.tuples(U64, st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE)), max_size=40
+).map(tuple)
+
 MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, TEXT, TEXT),
     st.builds(Welcome, TEXT, U64, U32),
@@ -65,4 +78,6 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(Pong, U64),
     st.builds(Request, U64, TEXT, JSON.map(lambda d: json.dumps(d).encode()) | st.just(b"")),
     st.builds(Response, U64, st.booleans(), st.binary(max_size=256)),
+    st.builds(DigestRequest, TEXT, U64, CHUNK_SIZE, CHUNKS),
+    st.builds(DigestReply, TEXT, U64, CHUNK_SIZE, DIGESTS),
 )

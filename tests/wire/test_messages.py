@@ -8,14 +8,20 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 
+from appliance import digest as chunk_digests
 from appliance.wire.errors import ErrorCode, InvalidRequest, MalformedBody
 from appliance.wire.framing import FrameDecoder
 from appliance.wire.messages import (
+    DIGEST_SIZE,
+    MAX_DIGEST_CHUNK_SIZE,
+    MAX_DIGEST_CHUNKS,
     MAX_EXTENT,
     MAX_STR,
     MESSAGE_TYPES,
     Ack,
     Data,
+    DigestReply,
+    DigestRequest,
     DiskOpened,
     Encoding,
     Error,
@@ -48,6 +54,9 @@ FIXED: list[Message] = [
     Pong(2**64 - 1),
     Data.raw("disk-0", 3, 4096, b"x" * 512),
     Data.zero("disk-0", 4, 8192, 65536),
+    DigestRequest("disk-0", 5, 65536, (0, 3, 2**64 - 1)),
+    DigestRequest("disk-0", 6, 512, ()),
+    DigestReply("disk-0", 5, 65536, ((0, b"\x01" * 16), (3, bytes(16)))),
 ]
 
 
@@ -199,3 +208,56 @@ def test_zstd_frame_declaring_a_huge_size_is_malformed_not_allocated() -> None:
     assert len(big) < 64 << 10
     with pytest.raises(MalformedBody, match="declares 67108864 bytes, expected 4096"):
         Data("d", 1, 0, 4096, Encoding.ZSTD, big).decoded()
+
+
+def _digest_body(name: str, chunk_size: int, count: int, entry: bytes) -> bytes:
+    """A digest message body with `count` copies of `entry` after its head."""
+    head = struct.pack("!H", len(name)) + name.encode() + struct.pack("!QII", 9, chunk_size, count)
+    return head + entry * count
+
+
+def test_digest_messages_are_limited_in_count_and_chunk_size() -> None:
+    index = struct.pack("!Q", 7)
+    entry = index + b"d" * DIGEST_SIZE
+    # At the limits: accepted both ways.
+    most = DigestRequest.decode(_digest_body("d", MAX_DIGEST_CHUNK_SIZE, MAX_DIGEST_CHUNKS, index))
+    assert len(most.chunks) == MAX_DIGEST_CHUNKS and most.chunk_size == 16 << 20
+    assert DigestRequest.decode(body(most)) == most
+    reply = DigestReply.decode(_digest_body("d", 512, MAX_DIGEST_CHUNKS, entry))
+    assert len(reply.digests) == MAX_DIGEST_CHUNKS and reply.digests[0] == (7, b"d" * 16)
+    # One chunk more, or a chunk size that is not a positive multiple of 512 up to 16 MiB.
+    too_many = [(4096, MAX_DIGEST_CHUNKS + 1, "exceed 16384")]
+    bad_sizes = [(size, 1, "chunk size") for size in (0, 511, 513, MAX_DIGEST_CHUNK_SIZE + 512)]
+    for chunk_size, count, needle in too_many + bad_sizes:
+        with pytest.raises(MalformedBody, match=needle):
+            DigestRequest.decode(_digest_body("d", chunk_size, count, index))
+        with pytest.raises(MalformedBody, match=needle):
+            DigestReply.decode(_digest_body("d", chunk_size, count, entry))
+        with pytest.raises(ValueError, match=needle):
+            DigestRequest("d", 1, chunk_size, (0,) * count).encode()
+        with pytest.raises(ValueError, match=needle):
+            DigestReply("d", 1, chunk_size, ((0, bytes(16)),) * count).encode()
+
+
+def test_digest_count_is_checked_against_the_body_before_use() -> None:
+    # A count the body does not hold is short, not a 16384-entry allocation.
+    with pytest.raises(MalformedBody, match="too short"):
+        DigestRequest.decode(_digest_body("d", 4096, MAX_DIGEST_CHUNKS, b""))
+    with pytest.raises(MalformedBody, match="too short"):
+        DigestReply.decode(_digest_body("d", 4096, 2, struct.pack("!Q", 1) + bytes(16))[:-1])
+    with pytest.raises(MalformedBody, match="too long"):
+        DigestReply.decode(_digest_body("d", 4096, 1, struct.pack("!Q", 1) + bytes(17)))
+
+
+def test_digest_values_that_do_not_fit_are_a_sender_bug() -> None:
+    assert DIGEST_SIZE == chunk_digests.DIGEST_SIZE  # the wire fixes what the hash makes
+    for digest in (bytes(15), bytes(17), b""):
+        with pytest.raises(ValueError, match="bytes"):
+            DigestReply("d", 1, 4096, ((0, digest),)).encode()
+    for index in (-1, 2**64):
+        with pytest.raises(ValueError):
+            DigestRequest("d", 1, 4096, (index,)).encode()
+        with pytest.raises(ValueError):
+            DigestReply("d", 1, 4096, ((index, bytes(16)),)).encode()
+    with pytest.raises(ValueError):
+        DigestRequest("d", 2**64, 4096, ()).encode()
