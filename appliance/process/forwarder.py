@@ -109,6 +109,7 @@ class Forwarder:
         if lane is None:
             return
         lane.dedupe.acked(seq)
+        self.health.clear(Condition.TARGET_UNREACHABLE)  # an ACK proves the link works
         if seq > lane.release_to:
             lane.release_to = seq
             if not lane.releasing:

@@ -187,8 +187,7 @@ def test_master_target_outage_spools_then_drains(
 
     uvloop.run(run())
     assert file_sha256(replica(target)) == script.images_at([last])[last]
-    summary = status(process, tls)
-    assert "target-unreachable" not in summary["health"]
+    assert "target-unreachable" not in status(process, tls)["health"]
     # Drained and acknowledged: the spool gives the space back (the last, active
     # segment within a couple of monitor rounds).
     spool = process.state_dir / "spool" / DISK

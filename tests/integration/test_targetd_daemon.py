@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -248,3 +249,49 @@ def test_points_listed_over_rpc(daemon: RoleDaemon, tls: TlsMaterial) -> None:
 
     points = uvloop.run(run())
     assert [(p["tag_id"], p["kind"], p["usable"]) for p in points] == [("p1", "app", True)]
+
+
+def test_a_steady_trickle_is_acknowledged_every_checkpoint_interval(
+    tmp_path: Path, tls: TlsMaterial, port: int
+) -> None:
+    # Frames arrive every 50 ms, far below half the window: only the timer can ACK them.
+    d = TargetDaemon(
+        tmp_path / "target", port, tls, extra_config="[stream]\ncheckpoint_seconds = 0.3\n"
+    )
+    d.state_dir.mkdir()
+    d.start()
+
+    async def run() -> list[int]:
+        ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
+        conn = await open_connection("127.0.0.1", d.port, ctx, server_hostname="localhost")
+        acks: list[int] = []
+
+        async def read() -> None:
+            while True:
+                msg = await conn.recv()
+                if isinstance(msg, Ack):
+                    acks.append(msg.seq)
+
+        try:
+            await conn.send(Hello("test", "trickle"))
+            await conn.send(OpenDisk("t1", "m", MIB))
+            reader = asyncio.create_task(read())
+            for seq in range(1, 41):
+                await conn.send(Data("t1", seq, (seq % 64) * 4096, 4096, Encoding.RAW, page(seq)))
+                await asyncio.sleep(0.05)
+            seen = list(acks)  # while the trickle was still going on
+            reader.cancel()
+            return seen
+        finally:
+            conn.close()
+
+    try:
+        acks = uvloop.run(run())
+    finally:
+        d.stop()
+    assert len(acks) >= 3, f"ACKs during a 2 s trickle: {acks}"
+    assert acks == sorted(acks)
+
+
+def page(seq: int) -> bytes:
+    return bytes([seq]) * 4096
