@@ -39,6 +39,7 @@ from appliance.wire.connection import Connection, ConnectionState
 from appliance.wire.errors import (
     ConnectionClosed,
     ErrorCounters,
+    InternalError,
     InvalidRequest,
     MalformedBody,
     OutOfWindow,
@@ -174,7 +175,26 @@ class DiskStream:
 
     async def settle(self) -> None:
         """Wait until everything queued is applied, then checkpoint it."""
-        await self._idle.wait()
+        waited = 0.0
+        while not self._idle.is_set():
+            if self._task is None or self._task.done():
+                # Cannot happen by design (every apply error resets the stream); if it
+                # does, say so loudly instead of hanging every later sender.
+                error = (
+                    None
+                    if self._task is None or self._task.cancelled()
+                    else (self._task.exception())
+                )
+                log.error("disk %s: the apply task is gone (%r)", self.disk_id, error)
+                raise InternalError(f"disk {self.disk_id}: apply task gone")
+            try:
+                await asyncio.wait_for(self._idle.wait(), 5.0)
+            except TimeoutError:
+                waited += 5.0
+                log.warning(
+                    "disk %s: still applying after %.0f s (%d queued, pending %d bytes)",
+                    self.disk_id, waited, self._queue.qsize(), self.replica.pending_bytes,
+                )  # fmt: skip
         loop = asyncio.get_running_loop()
         durable = await loop.run_in_executor(self.executor, self.replica.checkpoint)
         self._acknowledge(durable)
@@ -242,6 +262,16 @@ class DiskStream:
                 raise
             except (TargetError, WireError, OSError) as exc:
                 error = _as_wire_error(exc)
+                for job in jobs:
+                    job.drop(error)
+                await self._reset(error)
+                continue
+            except Exception as exc:
+                # A bug. Say so once with the traceback, then recover like any failed
+                # apply (roll back to the checkpoint, cut the sender, who resends): a
+                # dead apply task would leave the disk hanging for every later sender.
+                log.exception("disk %s: apply bug", self.disk_id)
+                error = InternalError(f"apply failed: {type(exc).__name__}: {exc}")
                 for job in jobs:
                     job.drop(error)
                 await self._reset(error)
