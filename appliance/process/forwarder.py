@@ -10,22 +10,33 @@ wake the intake if that made room.
 After a restart the task starts at the spool's `target_acked_seq`; the sender skips
 what the master target reports durable when it reopens the disk, and the master
 target ignores any other resend, so forwarding is idempotent end to end.
+
+An agent's DIGEST_REQUEST is relayed with the guarantee the master target gives for
+its own connections: the digests describe everything the agent sent before it. The
+service passes the disk's appended sequence S at the request (`relay`); the lane
+queues the request in the sender's window once every record <= S was submitted (or
+is durable at the master target) and before it submits any record after S, so the
+request travels in the disk's order, and keeps it across reconnects (the sender
+resends it in place).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 from appliance.process.errors import SpoolCorrupt
 from appliance.process.health import Condition, Health
 from appliance.process.optimize import InflightDedupe, Optimizer
 from appliance.process.spool import SpoolStream
 from appliance.process.throttle import FairShare
-from appliance.wire.messages import Data, Encoding, Tag
+from appliance.wire.errors import ShuttingDown, StorageFailure, WireError
+from appliance.wire.messages import Data, DigestReply, DigestRequest, Encoding, Tag
 from appliance.wire.sender import StreamSender
 
 log = logging.getLogger(__name__)
@@ -42,6 +53,15 @@ class ForwardStats:
     forwarded_seq: int = 0
 
 
+@dataclass(eq=False)
+class _Relay:
+    """A digest request waiting until its lane has submitted every record <= after."""
+
+    after: int
+    request: DigestRequest
+    reply: asyncio.Future[DigestReply]
+
+
 @dataclass
 class _Lane:
     stream: SpoolStream
@@ -51,6 +71,8 @@ class _Lane:
     release_to: int = 0
     releasing: bool = False
     task: asyncio.Task[None] | None = None
+    submitted: int = 0  # every record up to here is with the sender (or durable)
+    relays: list[_Relay] = field(default_factory=list)  # in order of `after`
 
 
 class Forwarder:
@@ -75,12 +97,58 @@ class Forwarder:
         if stream.disk_id in self._lanes:
             return
         lane = _Lane(stream, release_to=stream.target_acked_seq)
+        lane.submitted = stream.target_acked_seq
         self._lanes[stream.disk_id] = lane
         self.sender.add_disk(stream.disk_id, stream.machine_id, stream.size)
         lane.task = asyncio.create_task(self._forward(lane), name=f"forward-{stream.disk_id}")
-        lane.task.add_done_callback(self._lane_ended)
+        lane.task.add_done_callback(functools.partial(self._lane_ended, lane))
 
-    def _lane_ended(self, task: asyncio.Task[None]) -> None:
+    def relay(self, request: DigestRequest, after: int) -> asyncio.Future[DigestReply]:
+        """Send `request` to the master target right after record `after` of its disk
+        (the disk's last appended sequence when the agent asked); the future gives the
+        reply, or the WireError that ended forwarding first.
+
+        Synchronous on purpose: the caller registers it before it reads, and appends,
+        the agent's next frame, so no later record can get ahead of it."""
+        lane = self._lanes[request.disk_id]
+        reply: asyncio.Future[DigestReply] = asyncio.get_running_loop().create_future()
+        if lane.task is None or lane.task.done():
+            reply.set_exception(StorageFailure(f"disk {request.disk_id}: forwarding stopped"))
+            return reply
+        # The spool's appended sequence never goes back, so the list is ordered by
+        # `after` already; the max makes sure of what `_queue_relays` relies on (it
+        # looks at the head only). Waiting for more records is never wrong.
+        after = max(after, lane.relays[-1].after) if lane.relays else after
+        lane.relays.append(_Relay(after, request, reply))
+        lane.wakeup.set()  # an idle lane queues it now
+        return reply
+
+    async def _queue_relays(self, lane: _Lane) -> None:
+        """Hand the sender the requests whose records are all submitted, in order."""
+        disk = lane.stream.disk_id
+        while lane.relays:
+            relay = lane.relays[0]
+            if relay.after > max(lane.submitted, self.sender.acked_seq(disk)):
+                return
+            lane.relays.pop(0)
+            if relay.reply.done():
+                continue  # the agent's connection went away meanwhile
+            try:
+                inner = await self.sender.queue_request(relay.request)
+            except (WireError, OSError) as exc:  # the sender stopped for good
+                relay.reply.set_exception(exc)
+                continue
+            _chain(inner, relay.reply)
+
+    def _fail_relays(self, lane: _Lane, error: WireError) -> None:
+        relays, lane.relays = lane.relays, []
+        for relay in relays:
+            if not relay.reply.done():
+                relay.reply.set_exception(error)
+
+    def _lane_ended(self, lane: _Lane, task: asyncio.Task[None]) -> None:
+        # Nothing will queue its waiting requests any more: answer them.
+        self._fail_relays(lane, StorageFailure(f"{task.get_name()} stopped"))
         if task.cancelled():
             return
         error = task.exception()
@@ -101,7 +169,9 @@ class Forwarder:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.sender.close()
+        for lane in self._lanes.values():
+            self._fail_relays(lane, ShuttingDown("the process server is stopping"))
+        await self.sender.close()  # fails the requests already queued in the sender
 
     def on_ack(self, disk_id: str, seq: int) -> None:
         """StreamSender's hook: the master target made everything <= seq durable."""
@@ -132,6 +202,7 @@ class Forwarder:
         stream, disk = lane.stream, lane.stream.disk_id
         after = stream.target_acked_seq
         while True:
+            await self._queue_relays(lane)
             if stream.durable_seq <= after:
                 lane.wakeup.clear()
                 if stream.durable_seq <= after:
@@ -144,20 +215,25 @@ class Forwarder:
                 return  # forwarding this disk stops; a resync from the agent repairs it
             for run in _runs(records):
                 if isinstance(run, Tag):
+                    await self._queue_relays(lane)
                     if run.seq > self.sender.acked_seq(disk):
                         await self.sender.submit(run)
                         lane.stats.frames_out += 1
-                    lane.stats.forwarded_seq = after = run.seq
+                    lane.stats.forwarded_seq = lane.submitted = after = run.seq
                     continue
                 # Several extents compress at once (both workers busy on one disk)
                 # while the output keeps the spool's order.
                 async for out in self.optimizer.encode_stream(self._prepare(lane, run)):
+                    # Before each frame: a request that must follow the ones already
+                    # submitted goes first (a skipped, durable frame needs no wait).
+                    lane.submitted = max(lane.submitted, out.seq - 1)
+                    await self._queue_relays(lane)
                     await self.fair.acquire(disk, out.wire_size)
                     await self.sender.submit(out)
                     lane.stats.frames_out += 1
                     lane.stats.bytes_wire += out.wire_size
-                    lane.stats.forwarded_seq = out.seq
-                after = run[-1].seq
+                    lane.stats.forwarded_seq = lane.submitted = out.seq
+                lane.submitted = after = run[-1].seq
 
     async def _prepare(self, lane: _Lane, run: list[Data]) -> AsyncIterator[Data]:
         """A run of DATA in order, deduplicated."""
@@ -188,3 +264,24 @@ def _runs(records: list[Data | Tag]) -> Iterator[list[Data] | Tag]:
             run.append(msg)
     if run:
         yield run
+
+
+def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    """Resolve `target` as `source` resolves (a cancelled target cancels `source`)."""
+
+    def copy(done: asyncio.Future[Any]) -> None:
+        if target.done():
+            return
+        if done.cancelled():
+            target.cancel()
+        elif (error := done.exception()) is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(done.result())
+
+    def give_up(done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            source.cancel()
+
+    source.add_done_callback(copy)
+    target.add_done_callback(give_up)

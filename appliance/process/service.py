@@ -19,14 +19,18 @@ from appliance.wire.connection import Connection, ConnectionState
 from appliance.wire.errors import (
     ConnectionClosed,
     ErrorCounters,
+    InternalError,
     InvalidRequest,
     ProtocolViolation,
+    ShuttingDown,
     UnknownDisk,
     WireError,
 )
 from appliance.wire.framing import MAX_BODY
 from appliance.wire.messages import (
     Data,
+    DigestReply,
+    DigestRequest,
     DiskOpened,
     Hello,
     OpenDisk,
@@ -42,6 +46,10 @@ log = logging.getLogger(__name__)
 
 MONITOR_SECONDS = 2.0
 RATE_MEMORY_SECONDS = 10.0
+# Digest requests one agent connection may have relayed and unanswered, as the master
+# target allows per connection: each holds up to 16384 chunk indexes and no window
+# counts them, so this bounds their memory (the read loop waits beyond it).
+MAX_DIGESTS_IN_FLIGHT = 4
 
 
 class ProcessService:
@@ -121,6 +129,7 @@ class ProcessService:
         await conn.send(Welcome(self.name, self.window_bytes, MAX_BODY))
         self.connections += 1
         owned: list[IntakeStream] = []
+        digest_slots = asyncio.Semaphore(MAX_DIGESTS_IN_FLIGHT)
         try:
             while True:
                 try:
@@ -144,6 +153,8 @@ class ProcessService:
                     durable = await stream.attach(conn)
                     owned.append(stream)
                     await conn.send(DiskOpened(msg.disk_id, durable, msg.size))
+                elif isinstance(msg, DigestRequest):
+                    await self._relay(conn, msg, digest_slots)
                 elif isinstance(msg, Ping):
                     await conn.send(Pong(msg.nonce))
                 elif isinstance(msg, Request):
@@ -168,6 +179,49 @@ class ProcessService:
                 self._refresh_space()
                 if self.space.is_set():  # freed meanwhile; the limit is a soft line
                     await asyncio.sleep(0.05)
+
+    async def _relay(self, conn: Connection, msg: DigestRequest, slots: asyncio.Semaphore) -> None:
+        """Forward a digest request to the master target behind every frame of its disk
+        this agent sent before it, i.e. up to the spool's appended sequence now."""
+        stream = self._streams.get(msg.disk_id)
+        if stream is None:
+            raise UnknownDisk(f"disk {msg.disk_id!r} was not opened")
+        if conn is not stream.owner:
+            raise ProtocolViolation(f"disk {msg.disk_id} is not open on this connection")
+        if self.forwarder is None:
+            raise InvalidRequest("no master target assigned")
+        await slots.acquire()
+        # Nothing is read from this connection between here and the acquire, so the
+        # appended sequence is still the last frame the agent sent before the request.
+        try:
+            reply = self.forwarder.relay(msg, stream.spool.appended_seq)
+        except BaseException:
+            slots.release()
+            raise
+        self._spawn(self._send_digests(conn, reply, slots))
+
+    async def _send_digests(
+        self, conn: Connection, reply: asyncio.Future[DigestReply], slots: asyncio.Semaphore
+    ) -> None:
+        """Pass the master target's answer on, in its own task so the read loop goes
+        on. An error ends the agent's connection, as every ERROR does."""
+        try:
+            try:
+                answer = await reply
+            except WireError as exc:
+                if conn.state is ConnectionState.OPEN:
+                    await conn.fail(exc, count=not isinstance(exc, ShuttingDown))
+                return
+            except OSError as exc:  # the sender's fatal error: e.g. a bad target certificate
+                if conn.state is ConnectionState.OPEN:
+                    await conn.fail(InternalError(f"relaying digests: {exc}"))
+                return
+            with contextlib.suppress(WireError):  # the agent went away: it will ask again
+                await conn.send(answer)
+        finally:
+            if not reply.done():
+                reply.cancel()  # e.g. the daemon stops: no use relaying it any more
+            slots.release()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -12,6 +12,8 @@ A session of `StreamSender`::
     -> OPEN_DISK(disk, machine, size) <- DISK_OPENED(disk, durable_seq, size)   per disk
     -> DATA/TAG seq > durable_seq ... <- ACK(disk, seq) as the receiver makes data durable
 
+    -> DIGEST_REQUEST(disk, id, ...)   <- DIGEST_REPLY(disk, id, ...)   see `request`
+
 DISK_OPENED's durable_seq counts as an ACK; everything after it is (re)sent in order.
 The sender never has more unacknowledged payload bytes in flight on a connection than
 the window, so the receiver never has to refuse with WINDOW_EXCEEDED. When the
@@ -19,6 +21,10 @@ connection drops, or the receiver reports a transient error (see
 `reconnect.TRANSIENT_CODES`), the sender reconnects after a backoff delay and resends
 from the last ACK; the receiver ignores what it already applied. Any other error is
 fatal: it is raised from `submit` and `wait_acked` instead of retrying forever.
+
+Digest requests ride in a disk's window too, so that the receiver (which answers a
+request only after applying the frames sent before it on that disk) sees them in
+order, on every connection: see `StreamSender.request` and `OutboundWindow.ack`.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from appliance.wire.connection import Connection, ConnectionState, open_connection
 from appliance.wire.errors import ConnectionClosed, InternalError, ProtocolViolation, WireError
@@ -37,6 +43,8 @@ from appliance.wire.framing import MAX_BODY
 from appliance.wire.messages import (
     Ack,
     Data,
+    DigestReply,
+    DigestRequest,
     DiskOpened,
     Hello,
     OpenDisk,
@@ -54,7 +62,11 @@ MAX_MESSAGES = 8192
 STABLE_SESSION = 5.0  # a session that lasted this long resets the backoff
 
 
-def cost(msg: Data | Tag) -> int:
+# What a disk's window holds, in the order it goes on the wire.
+Outbound = Data | Tag | DigestRequest
+
+
+def cost(msg: Outbound) -> int:
     """What `msg` counts against the window."""
     return msg.wire_size if isinstance(msg, Data) else 0
 
@@ -64,6 +76,16 @@ class OutboundWindow:
 
     It also remembers how many of them were sent on the current connection (a cursor
     that `rewind` resets), so the sender can resend exactly what follows the last ACK.
+
+    A DIGEST_REQUEST entry (`put_request`) has no sequence number and costs no bytes;
+    it sits after the frames put before it and is sent, and resent after a reconnect,
+    in that order. An ACK cannot drop it: the ACK says the frames before it are
+    durable, not that the request was answered (it may have been lost with the
+    connection). So `ack` drops the acknowledged frames around it and leaves it at
+    the front (its predecessors are all durable, so nothing it must follow is left
+    behind it), and only `remove_request` - its reply arrived - takes it out. A
+    request therefore leaves the window once the frames before it are acked and its
+    reply is in, whichever comes first; it is never sent ahead of a frame it follows.
     """
 
     def __init__(self, window_bytes: int, *, max_messages: int = MAX_MESSAGES) -> None:
@@ -71,7 +93,8 @@ class OutboundWindow:
         self.max_messages = max_messages
         self.acked_seq = 0
         self.last_seq = 0  # highest sequence put
-        self._entries: deque[tuple[Data | Tag, int]] = deque()
+        self._entries: deque[tuple[Outbound, int]] = deque()
+        self._requests = 0  # DIGEST_REQUEST entries among them
         self._unacked_bytes = 0
         self._sent = 0  # entries at the front already sent on this connection
         self._inflight = 0  # their bytes
@@ -90,11 +113,18 @@ class OutboundWindow:
         return len(self._entries)
 
     def unacked(self) -> list[Data | Tag]:
-        return [msg for msg, _ in self._entries]
+        """The frames not yet acknowledged (digest requests left out: see `requests`)."""
+        return [msg for msg, _ in self._entries if not isinstance(msg, DigestRequest)]
+
+    def requests(self) -> list[DigestRequest]:
+        """The digest requests not yet answered, in order."""
+        return [msg for msg, _ in self._entries if isinstance(msg, DigestRequest)]
 
     def _fits(self, size: int) -> bool:
-        if not self._entries:
-            return True  # even a message larger than the window, or it could never pass
+        if len(self._entries) == self._requests:
+            # No frame waits (requests only wait for replies): even a message larger
+            # than the window, or it could never pass.
+            return True
         return (
             self._unacked_bytes + size <= self.window_bytes
             and len(self._entries) < self.max_messages
@@ -126,21 +156,58 @@ class OutboundWindow:
         if seq <= self.acked_seq:
             return False
         self.acked_seq = seq
-        while self._entries and self._entries[0][0].seq <= seq:
-            _, size = self._entries.popleft()
-            self._unacked_bytes -= size
-            if self._sent:
-                self._sent -= 1
-                self._inflight -= size
+        # Unanswered requests among the acknowledged frames stay, at the front, in
+        # their order (see the class doc); the sent-cursor keeps counting the sent
+        # ones, which come first because sending is in order.
+        kept: list[tuple[Outbound, int]] = []
+        kept_sent = 0
+        popped = 0
+        while self._entries:
+            msg, size = self._entries[0]
+            if not isinstance(msg, DigestRequest) and msg.seq > seq:
+                break
+            self._entries.popleft()
+            was_sent = popped < self._sent
+            popped += 1
+            if isinstance(msg, DigestRequest):
+                kept.append((msg, size))
+                kept_sent += was_sent
+            else:
+                self._unacked_bytes -= size
+                if was_sent:
+                    self._inflight -= size
+        self._sent = kept_sent + max(0, self._sent - popped)
+        self._entries.extendleft(reversed(kept))
         self._wake()
         return True
+
+    async def put_request(self, msg: DigestRequest) -> None:
+        """Queue `msg` after every frame put so far (waits while the count is full)."""
+        while self._entries and len(self._entries) >= self.max_messages:
+            await self._wait()
+        if self._error is not None:
+            raise self._error
+        self._entries.append((msg, 0))
+        self._requests += 1
+
+    def remove_request(self, request_id: int) -> bool:
+        """The request was answered (or abandoned): never (re)send it. False if absent."""
+        for index, (msg, _) in enumerate(self._entries):
+            if isinstance(msg, DigestRequest) and msg.request_id == request_id:
+                del self._entries[index]
+                self._requests -= 1
+                if index < self._sent:
+                    self._sent -= 1  # it costs nothing: in-flight bytes are unchanged
+                self._wake()
+                return True
+        return False
 
     def rewind(self) -> None:
         """A new connection: nothing unacknowledged has been sent on it yet."""
         self._sent = 0
         self._inflight = 0
 
-    def next_to_send(self, limit: int) -> Data | Tag | None:
+    def next_to_send(self, limit: int) -> Outbound | None:
         """The next unsent message if sending it keeps in-flight bytes within `limit`."""
         if self._sent >= len(self._entries):
             return None
@@ -182,6 +249,16 @@ class OutboundWindow:
             if not waiter.done():
                 waiter.set_result(None)
         self._waiters.clear()
+
+
+@dataclass
+class _Pending:
+    """A digest request waiting for its reply; it goes out under `StreamSender`'s own
+    id (callers' ids need not be unique across disks or callers)."""
+
+    disk_id: str
+    caller_id: int
+    reply: asyncio.Future[DigestReply]
 
 
 @dataclass
@@ -237,6 +314,8 @@ class StreamSender:
         self._progress = False  # an ACK advanced during the current session
         self._last_recv = 0.0
         self._on_ack = on_ack
+        self._pending: dict[int, _Pending] = {}  # by the request_id sent on the wire
+        self._request_ids = 0
 
     # -- public API --------------------------------------------------------------------
 
@@ -264,6 +343,44 @@ class StreamSender:
             raise self._fatal
         await disk.window.put(msg)
         self._wakeup.set()
+
+    async def queue_request(self, msg: DigestRequest) -> asyncio.Future[DigestReply]:
+        """Queue `msg` in its disk's order, right after every frame submitted so far;
+        return a future for the reply (with `msg`'s request_id).
+
+        Returns once it is queued, so a caller that must submit nothing in between
+        (the process server's forwarder) can go on submitting. The receiver answers
+        only after applying every frame before it. After a reconnect it is resent in
+        the same place, the receiver answers again, and the extra reply is ignored.
+        The future raises the stream's fatal error if it stops first.
+        """
+        disk = self._disks.get(msg.disk_id)
+        if disk is None:
+            raise ValueError(f"disk {msg.disk_id!r} was not added to this stream")
+        if self._fatal is not None:
+            raise self._fatal
+        self._request_ids += 1
+        wire_id = self._request_ids
+        reply: asyncio.Future[DigestReply] = asyncio.get_running_loop().create_future()
+        self._pending[wire_id] = _Pending(msg.disk_id, msg.request_id, reply)
+        try:
+            await disk.window.put_request(replace(msg, request_id=wire_id))
+        except BaseException:
+            del self._pending[wire_id]
+            raise
+        # A caller that gives up (cancels the future) need not have it resent.
+        reply.add_done_callback(lambda f: self._forget(wire_id) if f.cancelled() else None)
+        self._wakeup.set()
+        return reply
+
+    async def request(self, msg: DigestRequest) -> DigestReply:
+        """`queue_request`, then wait for the reply."""
+        return await (await self.queue_request(msg))
+
+    def _forget(self, wire_id: int) -> None:
+        pending = self._pending.pop(wire_id, None)
+        if pending is not None:
+            self._disks[pending.disk_id].window.remove_request(wire_id)
 
     def acked_seq(self, disk_id: str) -> int:
         return self._disks[disk_id].window.acked_seq
@@ -301,6 +418,10 @@ class StreamSender:
         self._fatal = error
         for disk in self._disks.values():
             disk.window.fail(error)
+        pending, self._pending = self._pending, {}
+        for request in pending.values():
+            if not request.reply.done():
+                request.reply.set_exception(error)
 
     async def _run(self) -> None:
         while True:
@@ -398,12 +519,27 @@ class StreamSender:
                     self._wakeup.set()
             elif isinstance(msg, DiskOpened):
                 await self._opened(conn, msg)
+            elif isinstance(msg, DigestReply):
+                self._answered(msg)
             elif isinstance(msg, Ping):
                 await conn.send(Pong(msg.nonce))
             elif not isinstance(msg, Pong):
                 error = ProtocolViolation(f"unexpected {type(msg).__name__} from the receiver")
                 await conn.fail(error)
                 raise error
+
+    def _answered(self, msg: DigestReply) -> None:
+        pending = self._pending.get(msg.request_id)
+        if pending is None or pending.disk_id != msg.disk_id:
+            # A second answer to a request resent after a cut, or one its caller gave
+            # up on: nothing waits for it.
+            log.debug("%s: ignoring DIGEST_REPLY %d", msg.disk_id, msg.request_id)
+            return
+        del self._pending[msg.request_id]
+        self._disks[msg.disk_id].window.remove_request(msg.request_id)
+        self._wakeup.set()  # a free slot in the window's count
+        if not pending.reply.done():
+            pending.reply.set_result(replace(msg, request_id=pending.caller_id))
 
     async def _opened(self, conn: Connection, msg: DiskOpened) -> None:
         disk = self._disks.get(msg.disk_id)

@@ -8,7 +8,12 @@ the window refused with WINDOW_EXCEEDED; ACKs for what it has made "durable".
 Faults to inject: drop the connection when the Nth DATA/TAG arrives (before applying
 it), report only the last ACK as durable (so the sender replays what was applied but
 not acknowledged), hold ACKs, go mute, refuse a disk with an error code, fail the
-first OPEN_DISKs with STORAGE_FAILURE. Its state
+first OPEN_DISKs with STORAGE_FAILURE.
+
+It answers DIGEST_REQUEST in order, as the master target does: its one "digest" is the
+applied sequence at that point (chunk 0, 16 bytes big-endian), so a test can see which
+frames came before the request; `answer_digests=False` records requests unanswered.
+Its state
 outlives connections and server restarts, like a real target's disk would.
 """
 
@@ -30,6 +35,8 @@ from appliance.wire.framing import MAX_BODY
 from appliance.wire.messages import (
     Ack,
     Data,
+    DigestReply,
+    DigestRequest,
     DiskOpened,
     Hello,
     OpenDisk,
@@ -51,6 +58,7 @@ class DiskState:
     duplicates: int = 0
     unacked_bytes: int = 0
     pending: int = 0  # applied since the last ACK
+    requests: list[tuple[int, int]] = field(default_factory=list)  # (id, applied_seq)
     conn: Connection | None = None
 
 
@@ -66,6 +74,7 @@ class Receiver:
         refuse: dict[str, ErrorCode] | None = None,
         storage_failures: int = 0,
         acks: bool = True,
+        answer_digests: bool = True,
     ) -> None:
         self.ctx = ctx
         self.window_bytes = window_bytes
@@ -75,6 +84,7 @@ class Receiver:
         self.refuse = refuse or {}
         self.storage_failures = storage_failures  # the first N OPEN_DISKs fail so
         self.acks = acks
+        self.answer_digests = answer_digests
         self.muted: set[Connection] = set()
         self.live: set[Connection] = set()
         self.disks: dict[str, DiskState] = {}
@@ -131,6 +141,8 @@ class Receiver:
                     conn.abort()  # lost in flight: never applied
                     return
                 self._apply(conn, msg)
+            elif isinstance(msg, DigestRequest):
+                await self._digest(conn, msg)
             elif isinstance(msg, Ping):
                 await conn.send(Pong(msg.nonce))
             else:
@@ -170,6 +182,17 @@ class Receiver:
         disk.pending += 1
         if self.acks and (disk.pending >= self.ack_every or isinstance(msg, Tag)):
             self._ack(msg.disk_id, disk)
+
+    async def _digest(self, conn: Connection, msg: DigestRequest) -> None:
+        disk = self.disks.get(msg.disk_id)
+        if disk is None or disk.conn is not conn:
+            raise ProtocolViolation(f"{msg.disk_id} is not open on this connection")
+        disk.requests.append((msg.request_id, disk.applied_seq))
+        if self.answer_digests:
+            digest = disk.applied_seq.to_bytes(16, "big")
+            await conn.send(
+                DigestReply(msg.disk_id, msg.request_id, msg.chunk_size, ((0, digest),))
+            )
 
     def _ack(self, disk_id: str, disk: DiskState) -> None:
         disk.acked_seq = disk.applied_seq

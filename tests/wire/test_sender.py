@@ -15,7 +15,7 @@ import pytest
 
 from appliance.wire.connection import ConnectionState
 from appliance.wire.errors import ConnectionClosed, ErrorCode, PeerError
-from appliance.wire.messages import Data, Tag, TagKind
+from appliance.wire.messages import Data, DigestReply, DigestRequest, Tag, TagKind
 from appliance.wire.reconnect import Backoff
 from appliance.wire.sender import OutboundWindow, StreamSender
 from tests.conftest import free_port
@@ -90,8 +90,57 @@ def sendable(window: OutboundWindow, limit: int) -> list[int]:
     """Sequences the sender may put on the wire now, in order (marking them sent)."""
     seqs = []
     while (msg := window.next_to_send(limit)) is not None:
-        seqs.append(msg.seq)
+        # A digest request shows as minus its id: it has no sequence of its own.
+        seqs.append(-msg.request_id if isinstance(msg, DigestRequest) else msg.seq)
     return seqs
+
+
+def digest_request(request_id: int, disk: str = "d0") -> DigestRequest:
+    return DigestRequest(disk, request_id, 64 * KIB, (0, 1, 2))
+
+
+def test_window_keeps_a_request_in_order_until_answered() -> None:
+    async def scenario() -> None:
+        window = OutboundWindow(1 << 20)
+        for seq in (1, 2):
+            await window.put(data(seq))
+        await window.put_request(digest_request(7))
+        for seq in (3, 4):
+            await window.put(data(seq))
+        assert sendable(window, 1 << 20) == [1, 2, -7, 3, 4]
+        assert window.inflight_bytes == 16 * KIB
+        window.ack(1)
+        window.rewind()  # cut: the request goes again, still after 2 and before 3
+        assert sendable(window, 1 << 20) == [2, -7, 3, 4]
+        window.ack(3)  # the frames around it are durable; its reply is not in yet
+        assert [m.request_id for m in window.requests()] == [7]
+        assert [m.seq for m in window.unacked()] == [4]
+        assert window.inflight_bytes == 4 * KIB and window.unacked_bytes == 4 * KIB
+        assert sendable(window, 1 << 20) == []  # the cursor still counts it as sent
+        window.rewind()
+        assert sendable(window, 1 << 20) == [-7, 4]  # only what follows the ACK, in order
+        assert window.remove_request(7)
+        assert not window.remove_request(7)
+        window.rewind()
+        assert sendable(window, 1 << 20) == [4]
+        window.ack(4)
+        assert len(window) == 0 and window.inflight_bytes == 0
+
+    asyncio.run(scenario())
+
+
+def test_window_admits_a_large_frame_behind_an_unanswered_request() -> None:
+    async def scenario() -> None:
+        window = OutboundWindow(8 * KIB, max_messages=2)
+        await window.put_request(digest_request(1))
+        await asyncio.wait_for(window.put(data(1, size=64 * KIB)), 1)  # no frame waits
+        blocked = asyncio.create_task(window.put_request(digest_request(2)))
+        await asyncio.sleep(0.05)
+        assert not blocked.done()  # the count bounds requests too
+        window.remove_request(1)
+        await asyncio.wait_for(blocked, 1)
+
+    asyncio.run(scenario())
 
 
 def test_window_cursor_sends_in_order_within_a_limit_and_rewinds() -> None:
@@ -379,3 +428,96 @@ def test_window_continues_from_an_ack_past_what_was_put() -> None:
             await window.put(data(10))
 
     asyncio.run(scenario())
+
+
+def seq_of(reply: DigestReply) -> int:
+    """What the test receiver answers: the sequence it had applied at the request."""
+    ((index, digest),) = reply.digests
+    assert index == 0
+    return int.from_bytes(digest, "big")
+
+
+@pytest.mark.integration
+def test_a_digest_request_rides_in_order_across_a_cut(
+    run: Runner, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    async def scenario() -> None:
+        # Frame 8 is lost with the connection: 8, 9, 10 are resent, then the request,
+        # which must still come after 10 and before 11.
+        receiver = Receiver(server_ctx, ack_every=3, drop_at=(8,))
+        await receiver.start()
+        sender = make_sender(receiver.port, client_ctx)
+        await sender.start()
+        msgs = stream(20)
+        for msg in msgs[:10]:
+            await sender.submit(msg)
+        reply = await sender.queue_request(digest_request(99))
+        for msg in msgs[10:]:
+            await sender.submit(msg)
+        answer = await asyncio.wait_for(reply, 10)
+        assert answer.request_id == 99  # the caller's id, whatever went on the wire
+        assert seq_of(answer) == 10
+        assert [seq for _, seq in receiver.disks["d0"].requests] == [10]
+        await sender.wait_acked("d0", 20, timeout=10)
+        assert sender.window("d0").requests() == []
+        check_exact(receiver, msgs)
+        assert sender.reconnects >= 1
+        await sender.close()
+        await receiver.stop()
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_an_unanswered_digest_request_is_resent_and_its_reply_resolves_it(
+    run: Runner, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    async def scenario() -> None:
+        receiver = Receiver(server_ctx, answer_digests=False, drop_at=(15,))
+        await receiver.start()
+        sender = make_sender(receiver.port, client_ctx)
+        await sender.start()
+        msgs = stream(20)
+        for msg in msgs[:10]:
+            await sender.submit(msg)
+        task = asyncio.create_task(sender.request(digest_request(5)))
+        await eventually(lambda: "d0" in receiver.disks and bool(receiver.disks["d0"].requests))
+        receiver.answer_digests = True  # the cut at frame 15 loses the request's reply
+        for msg in msgs[10:]:
+            await sender.submit(msg)
+        answer = await asyncio.wait_for(task, 10)
+        first, again = receiver.disks["d0"].requests
+        assert first[1] == 10  # in order the first time
+        # Resent right after the ACK of 14 (all the receiver had), before 15: it
+        # describes at least everything sent before it.
+        assert again[1] == 14 and seq_of(answer) == 14
+        assert first[0] == again[0]  # the same request, so a late reply to either works
+        await sender.wait_acked("d0", 20, timeout=10)
+        assert sender.window("d0").requests() == []
+        check_exact(receiver, msgs)
+        await sender.close()
+        await receiver.stop()
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_a_digest_request_fails_with_the_stream(
+    run: Runner, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    async def scenario() -> None:
+        receiver = Receiver(server_ctx, answer_digests=False)
+        await receiver.start()
+        sender = make_sender(receiver.port, client_ctx)
+        await sender.start()
+        await sender.submit(data(1))
+        reply = await sender.queue_request(digest_request(1))
+        await eventually(lambda: "d0" in receiver.disks and bool(receiver.disks["d0"].requests))
+        await sender.close()
+        with pytest.raises(ConnectionClosed):
+            await reply
+        with pytest.raises(ConnectionClosed):
+            await sender.queue_request(digest_request(2))
+        await receiver.stop()
+
+    run(scenario())
