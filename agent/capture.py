@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from agent.errors import FreezeTimeout, QuiesceFailed
+from agent.errors import BarrierTimeout, FreezeTimeout, QuiesceFailed
 from agent.quiesce import Freeze, freeze
 from agent.trackers.base import DirtyMap, Tracker
 from agent.trackers.tracefs import TracefsTracker
@@ -85,37 +85,81 @@ def capture_consistent(
 
     Raises QuiesceFailed / BarrierTimeout / FreezeTimeout only when nothing was drained.
     """
-    if not fcntl.fcntl(device_fd, fcntl.F_GETFL) & os.O_DIRECT:
-        raise ValueError("capture_consistent needs the device opened with O_DIRECT")
-    dirty: DirtyMap | None = None
-    resync: DirtyMap | None = None
+    (result,) = capture_machine(
+        [(tracker, device_fd)], mounts, timeout, budget=budget, read_rate=read_rate,
+        pre=pre, post=post, on_frozen=on_frozen,
+    )  # fmt: skip
+    return result
+
+
+def capture_machine(
+    disks: Sequence[tuple[Tracker, int]],
+    mounts: Iterable[str | os.PathLike[str]],
+    timeout: float = 1.0,
+    *,
+    budget: int = DEFAULT_BUDGET,
+    read_rate: float | None = None,
+    pre: Sequence[str] | None = None,
+    post: Sequence[str] | None = None,
+    on_frozen: Callable[[], None] | None = None,
+) -> list[Capture | Untagged]:
+    """`capture_consistent` for all the disks of one machine inside ONE freeze, so one
+    tag id can mark the same instant on every disk. All or nothing: if any disk cannot
+    be captured, every disk gets `Untagged` (with what was drained from it). `budget`
+    and `read_rate` apply to the machine's total; results are in `disks` order."""
+    for _, fd in disks:
+        if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise ValueError("capture_consistent needs the device opened with O_DIRECT")
+    drained: list[tuple[DirtyMap, DirtyMap | None]] = []
     reason: str | None = None
-    buffer: mmap.mmap | None = None
+    buffers: list[mmap.mmap] = []
     copy_seconds = 0.0
     handle: Freeze | None = None
     try:
         with freeze(mounts, timeout, pre=pre, post=post) as handle:
-            dirty = _drain(tracker, handle)
-            resync = tracker.needs_resync()
-            reason = _refusal(dirty, resync, budget, read_rate, handle)
+            for tracker, _ in disks:
+                dirty = _drain(tracker, handle)
+                drained.append((dirty, tracker.needs_resync()))
+            reason = _refusal(drained, budget, read_rate, handle)
             if reason is None:
                 started = time.monotonic()
-                buffer, reason = _copy(device_fd, dirty, handle)
+                for (dirty, _), (_, fd) in zip(drained, disks, strict=True):
+                    buffer, reason = _copy(fd, dirty, handle)
+                    if buffer is None:
+                        break
+                    buffers.append(buffer)
                 copy_seconds = time.monotonic() - started
                 if reason is None and on_frozen is not None:
                     on_frozen()
-    except (FreezeTimeout, QuiesceFailed) as err:
-        if dirty is None:
+    except (FreezeTimeout, QuiesceFailed, BarrierTimeout) as err:
+        # A failed drain on a later disk must not lose what earlier disks handed over.
+        if not drained:
             raise
         reason = err.message
-    # Every path that leaves the freeze without draining has raised above.
-    assert dirty is not None and handle is not None and handle.duration is not None
-    if reason is not None or buffer is None:
-        if buffer is not None:
+    assert handle is not None and handle.duration is not None
+    if reason is not None or len(buffers) != len(disks):
+        for buffer in buffers:
             buffer.close()
         log.info("no consistent point: %s", reason)
-        return Untagged(dirty, resync, reason or "nothing copied", handle.duration)
-    return Capture(dirty, _slice(buffer, dirty), handle.duration, copy_seconds)
+        untagged: list[Capture | Untagged] = []
+        for i, (tracker, _) in enumerate(disks):
+            if i < len(drained):
+                dirty, resync = drained[i]
+            else:  # its drain never ran: whatever it tracked is still in the tracker
+                dirty, resync = _empty_like(tracker, drained[0][0]), None
+            untagged.append(Untagged(dirty, resync, reason or "nothing copied", handle.duration))
+        return untagged
+    return [
+        Capture(dirty, _slice(buffer, dirty), handle.duration, copy_seconds)
+        for (dirty, _), buffer in zip(drained, buffers, strict=True)
+    ]
+
+
+def _empty_like(tracker: Tracker, fallback: DirtyMap) -> DirtyMap:
+    """An empty map of `tracker`'s geometry (trackers keep `size` or `disk.size`)."""
+    disk = getattr(tracker, "disk", None)
+    size = getattr(tracker, "size", getattr(disk, "size", fallback.size))
+    return DirtyMap(int(size), int(getattr(tracker, "chunk", fallback.chunk)))
 
 
 def _drain(tracker: Tracker, handle: Freeze) -> DirtyMap:
@@ -126,15 +170,15 @@ def _drain(tracker: Tracker, handle: Freeze) -> DirtyMap:
 
 
 def _refusal(
-    dirty: DirtyMap,
-    resync: DirtyMap | None,
+    drained: list[tuple[DirtyMap, DirtyMap | None]],
     budget: int,
     read_rate: float | None,
     handle: Freeze,
 ) -> str | None:
-    if resync is not None:
-        return f"the tracker lost events ({resync.count} chunks to resync)"
-    nbytes = sum(length for _, length in dirty.extents())
+    lost = sum(resync.count for _, resync in drained if resync is not None)
+    if any(resync is not None for _, resync in drained):
+        return f"the tracker lost events ({lost} chunks to resync)"
+    nbytes = sum(length for dirty, _ in drained for _, length in dirty.extents())
     if nbytes > budget:
         return f"dirty set of {nbytes} bytes exceeds the capture budget of {budget}"
     if read_rate and nbytes / read_rate > handle.remaining():

@@ -1,0 +1,374 @@
+"""The agent's replication core for one machine: initial copy, live deltas, tags.
+
+Per disk, in order:
+
+1. The tracker starts BEFORE the initial copy reads anything. Every write that
+   completes from then on is in some later drain. A chunk the copy read at time t is
+   either unchanged since t (the replica holds its current bytes) or was written
+   after t and is dirty (re-read and sent after the copy). So once the copy is done
+   and the dirty set is sent, the replica differs from the device only in chunks
+   still in the tracker: exactly the invariant the tag rounds rely on.
+2. The initial copy reads the device with O_DIRECT in `chunk`-sized pieces, skips
+   all-zero pieces (the replica starts sparse) and sends the rest as RAW frames.
+   Each frame's sequence number maps to the end offset it completes; on ACK the
+   durable offset is persisted (`agent.state`), so a restart continues from there.
+3. Deltas: between tags the tracefs tracker is drained without a barrier and the
+   chunks are read live and sent, so the capture inside the freeze copies little.
+   Every `tag_interval` s, `capture_machine` freezes all the machine's filesystems on
+   these disks at once; on success the captured extents go out on each disk followed
+   by one TAG per disk with the same id. Otherwise the drained chunks go out untagged.
+
+Gaps (tracker restart, overrun): the chunks the tracker lost track of are compared
+by checksum with the master target when `remote_digests` is given (`agent.resync`),
+else re-sent blindly (logged): the digest request is not wired into the sender yet.
+
+Sequence numbers continue after the receiver's durable sequence (its DISK_OPENED):
+hence `acks`, an `AckRelay` the StreamSender must be built with (`on_ack=acks`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.capture import DEFAULT_BUDGET, Capture, capture_machine
+from agent.discovery import Disk
+from agent.errors import AgentError
+from agent.replicator_disk import AckRelay, DiskRun, Progress, split
+from agent.resync import RemoteDigests, differing_chunks
+from agent.state import load, save
+from agent.trackers.base import DirtyMap, Tracker
+from appliance.wire.messages import Data, Tag, TagKind
+from appliance.wire.sender import StreamSender
+
+__all__ = ["AckRelay", "Progress", "Replicator"]
+
+log = logging.getLogger(__name__)
+
+TrackerFactory = Callable[[Disk], Tracker]
+CHUNK = 1 << 20  # initial-copy read and frame size
+SEND_INTERVAL = 0.5  # live drains between tags
+SAVE_INTERVAL = 0.5  # state written at most this often (plus at stop)
+
+
+class Replicator:
+    """Replicates `disks` of machine `machine_id` over `sender` (one per machine).
+
+    Build the sender with `on_ack=acks` and pass the same `AckRelay` here. `on_frozen`
+    is a test hook, called with the tag id while the machine is frozen for that tag
+    (after the capture copy). `remote_digests(disk_id)` returns the master target's
+    digest function for checksum resync (None: gaps are re-sent blindly).
+    """
+
+    def __init__(
+        self,
+        disks: Sequence[Disk],
+        sender: StreamSender,
+        tracker_factory: TrackerFactory,
+        state_dir: Path,
+        *,
+        machine_id: str,
+        acks: AckRelay,
+        tag_interval: float = 5.0,
+        freeze_timeout: float = 1.0,
+        chunk: int = CHUNK,
+        capture_budget: int = DEFAULT_BUDGET,
+        remote_digests: Callable[[str], RemoteDigests] | None = None,
+        on_frozen: Callable[[str], None] | None = None,
+    ) -> None:
+        if not disks:
+            raise ValueError("a replicator needs at least one disk")
+        if chunk <= 0 or chunk % 4096:
+            raise ValueError(f"chunk {chunk} is not a positive multiple of 4096")
+        self.machine_id = machine_id
+        self.sender = sender
+        self.state_dir = Path(state_dir)
+        self.tag_interval = tag_interval
+        self.freeze_timeout = freeze_timeout
+        self.chunk = chunk
+        self.capture_budget = capture_budget
+        self._factory = tracker_factory
+        self._remote_digests = remote_digests
+        self._on_frozen = on_frozen
+        self._acks = acks
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._runs = []
+        for disk in disks:
+            disk_id = f"{machine_id}-{disk.name}"
+            self._runs.append(DiskRun(disk, disk_id, load(self.state_dir, disk_id, disk.size)))
+        self._by_id = {run.disk_id: run for run in self._runs}
+        for run in self._runs:
+            sender.add_disk(run.disk_id, machine_id, run.disk.size)
+        acks.listener = self._on_ack
+        for disk_id, seq in acks.seen.items():  # acks that arrived before us
+            self._on_ack(disk_id, seq)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._read_rate: float | None = None
+        self.phase = "created"
+        self.error: BaseException | None = None
+
+    # -- public ------------------------------------------------------------------
+
+    @property
+    def disk_ids(self) -> list[str]:
+        return [run.disk_id for run in self._runs]
+
+    @property
+    def progress(self) -> dict[str, Progress]:
+        return {run.disk_id: run.progress() for run in self._runs}
+
+    def tags(self, disk_id: str) -> dict[str, int]:
+        """Tag ids submitted on `disk_id` (this run), each with its sequence number."""
+        return dict(self._by_id[disk_id].tags)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {run.disk_id: run.status() | {"phase": self.phase} for run in self._runs}
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("the replicator is already started")
+        self._task = asyncio.get_running_loop().create_task(self._main())
+
+    async def wait(self) -> None:
+        """Until the replicator ends (stop, or an error: raised here)."""
+        assert self._task is not None
+        await asyncio.shield(self._task)
+
+    async def wait_initial(self, timeout: float | None = None) -> None:
+        """Until every disk's initial copy is durable at the receiver."""
+        async with asyncio.timeout(timeout):
+            while not all(run.state.initial_done for run in self._runs):
+                if self._task is not None and self._task.done():
+                    self._task.result()
+                    raise RuntimeError("the replicator stopped before the initial copy ended")
+                await asyncio.sleep(0.05)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop at the next safe point (not inside a freeze), save state, release."""
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait({self._task}, timeout=grace)
+            if not self._task.done():
+                self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for run in self._runs:
+            await asyncio.to_thread(run.close)
+            await asyncio.to_thread(save, self.state_dir, run.state)
+        self._acks.listener = None
+        self.phase = "stopped"
+
+    # -- main --------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        saver = asyncio.create_task(self._saver())
+        try:
+            self.phase = "connecting"
+            await self._wait_opened()
+            self.phase = "initial-sync"
+            for run in self._runs:
+                await asyncio.to_thread(self._start_tracking, run)
+            copies = [asyncio.create_task(self._initial_copy(run)) for run in self._runs]
+            try:
+                await asyncio.gather(*copies)
+            finally:
+                for task in copies:
+                    task.cancel()
+            if self._stopping.is_set():
+                return
+            self.phase = "replicating"
+            await self._delta_loop()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            self.phase = "failed"
+            log.exception("machine %s: replication stopped", self.machine_id)
+            raise
+        finally:
+            saver.cancel()
+            await asyncio.gather(saver, return_exceptions=True)
+
+    async def _wait_opened(self) -> None:
+        """Sequence numbers continue after the receiver's durable sequence, which only
+        its DISK_OPENED tells: submitting earlier could reuse a number it already holds
+        (the window would then drop our new bytes as already acknowledged)."""
+        for run in self._runs:
+            while run.disk_id not in self._acks.seen:
+                if self._stopping.is_set():
+                    return
+                await asyncio.sleep(0.05)
+            durable = self.sender.acked_seq(run.disk_id)
+            if durable < run.state.acked_seq:
+                log.error(
+                    "%s: receiver is durable up to %d but acknowledged %d before; copying again",
+                    run.disk_id, durable, run.state.acked_seq,
+                )  # fmt: skip
+                run.state.initial_offset, run.state.initial_done = 0, False
+            run.state.acked_seq = durable
+            run.seq = durable
+
+    def _start_tracking(self, run: DiskRun) -> None:
+        """Tracker first, then the readers; a fresh tracker's gap is the part of the disk
+        a previous run already copied (the rest is about to be copied anyway)."""
+        run.tracker = self._factory(run.disk)
+        run.tracker.start()
+        run.open_device(self.chunk)
+        if run.state.initial_done:
+            done = run.state.size
+        else:
+            done = run.state.initial_offset - run.state.initial_offset % self.chunk
+        run.state.initial_offset = min(run.state.initial_offset, done)
+        run.resumed_from = done
+        gap = run.tracker.needs_resync()
+        if gap is not None and done:
+            run.add_gap(gap, done)
+
+    async def _saver(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_INTERVAL)
+            for run in self._runs:
+                if run.unsaved:
+                    run.unsaved = False
+                    await asyncio.to_thread(save, self.state_dir, run.state.snapshot())
+
+    def _on_ack(self, disk_id: str, seq: int) -> None:
+        run = self._by_id.get(disk_id)
+        if run is not None:
+            run.acked(seq)
+
+    # -- initial copy ------------------------------------------------------------
+
+    async def _initial_copy(self, run: DiskRun) -> None:
+        if run.state.initial_done:
+            return
+        assert run.reader is not None
+        size = run.state.size
+        offset = run.state.initial_offset
+        run.copy_started = time.monotonic()
+        while offset < size and not self._stopping.is_set():
+            length = min(self.chunk, size - offset)
+            data = await asyncio.to_thread(run.reader.read, offset, length)
+            end = offset + length
+            run.copy_read += length
+            if data.count(0) == length:
+                run.skipped(end)
+            else:
+                run.seq += 1
+                run.initial_frame(run.seq, end)
+                await self.sender.submit(Data.raw(run.disk_id, run.seq, offset, data))
+                run.bytes_sent += length
+            run.read_offset = offset = end
+        if offset >= size:
+            run.read_done()
+            log.info("%s: initial copy read (%d bytes sent)", run.disk_id, run.bytes_sent)
+
+    # -- deltas and tags ---------------------------------------------------------
+
+    async def _delta_loop(self) -> None:
+        for run in self._runs:
+            if run.gap is not None:
+                await self._resync(run, run.gap)
+                run.gap = None
+        next_tag = time.monotonic()  # a first point as soon as possible
+        while not self._stopping.is_set():
+            for run in self._runs:
+                await self._send_dirty(run, await asyncio.to_thread(run.live_drain))
+            remaining = next_tag - time.monotonic()
+            if remaining > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), min(SEND_INTERVAL, remaining))
+                continue
+            await self._tag_round()
+            next_tag = time.monotonic() + self.tag_interval
+
+    async def _resync(self, run: DiskRun, ranges: DirtyMap) -> None:
+        if not ranges:
+            return
+        if self._remote_digests is None:
+            log.warning(
+                "%s: %d chunks need a checksum resync, which is not wired yet: re-sending them",
+                run.disk_id, ranges.count,
+            )  # fmt: skip
+            run.pending_merge(ranges)
+            run.resent_chunks += ranges.count
+            return
+        differ = await asyncio.to_thread(
+            differing_chunks, run.disk.path, ranges, self._remote_digests(run.disk_id)
+        )
+        log.info("%s: resync: %d of %d chunks differ", run.disk_id, differ.count, ranges.count)
+        run.resync_checked += ranges.count
+        run.pending_merge(differ)
+
+    async def _send_dirty(self, run: DiskRun, dirty: DirtyMap | None) -> None:
+        """Read `dirty` (plus anything pending) live and send it, untagged."""
+        dirty = run.take_pending(dirty)
+        if dirty is None or not dirty:
+            return
+        assert run.reader is not None
+        for offset, length in dirty.extents():
+            for at, size in split(offset, length, self.chunk):
+                data = await asyncio.to_thread(run.reader.read, at, size)
+                await self._submit_data(run, at, data)
+
+    async def _submit_data(self, run: DiskRun, offset: int, data: bytes | memoryview) -> None:
+        run.seq += 1
+        if memoryview(data).tobytes().count(0) == len(data):
+            await self.sender.submit(Data.zero(run.disk_id, run.seq, offset, len(data)))
+        else:
+            await self.sender.submit(Data.raw(run.disk_id, run.seq, offset, data))
+            run.bytes_sent += len(data)
+
+    async def _tag_round(self) -> None:
+        tag_id = uuid.uuid4().hex
+        hook = None
+        if self._on_frozen is not None:
+            on_frozen = self._on_frozen
+
+            def hook() -> None:
+                on_frozen(tag_id)
+
+        mounts = sorted({str(m.mount_point) for run in self._runs for m in run.disk.mounts})
+        targets: list[tuple[Tracker, int]] = []
+        for run in self._runs:
+            assert run.tracker is not None
+            targets.append((run.tracker, run.fd))
+        try:
+            results = await asyncio.to_thread(
+                capture_machine, targets, mounts, self.freeze_timeout,
+                budget=self.capture_budget, read_rate=self._read_rate, on_frozen=hook,
+            )  # fmt: skip
+        except AgentError as err:  # nothing was drained: the trackers still hold it all
+            for run in self._runs:
+                run.untagged(err.message)
+            return
+        if all(isinstance(r, Capture) for r in results):
+            copied = sum(r.nbytes for r in results if isinstance(r, Capture))
+            seconds = sum(r.copy_seconds for r in results if isinstance(r, Capture))
+            if seconds > 0.01:
+                self._read_rate = copied / seconds
+            now = time.time_ns()
+            for run, result in zip(self._runs, results, strict=True):
+                assert isinstance(result, Capture)
+                for offset, data in result.extents:
+                    view = memoryview(data)
+                    for at, size in split(offset, len(data), self.chunk):
+                        await self._submit_data(run, at, view[at - offset : at - offset + size])
+                run.seq += 1
+                await self.sender.submit(Tag(run.disk_id, run.seq, tag_id, TagKind.CRASH, now))
+                run.tagged(tag_id, run.seq, now, result.freeze_seconds)
+            return
+        for run, result in zip(self._runs, results, strict=True):
+            assert not isinstance(result, Capture)
+            run.untagged(result.reason)
+            await self._send_dirty(run, result.dirty)
+            if result.resync is not None:
+                await self._resync(run, result.resync)

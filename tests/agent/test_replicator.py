@@ -1,0 +1,324 @@
+"""The replicator end to end: a mounted ext4 loop disk under churn, real processd and
+targetd, the tracefs tracker. Every tag the test saw frozen is materialized on the
+master target and must equal the frozen device bit for bit (and fsck clean); an
+initial copy stopped half way resumes where its ACKs left it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from agent.digest import chunk_digest
+from agent.discovery import Disk
+from agent.errors import TrackerUnavailable
+from agent.replicator import AckRelay, Replicator
+from agent.resync import RemoteDigests
+from agent.trackers.base import Tracker
+from agent.trackers.tracefs import TracefsTracker
+from appliance.wire.messages import Data, Tag
+from appliance.wire.reconnect import Backoff
+from appliance.wire.sender import StreamSender
+from appliance.wire.tls import client_context
+from tests.agent.helpers import find, read_all, write_file
+from tests.conftest import TlsMaterial, free_port
+from tests.integration.daemons import ProcessDaemon, RoleDaemon, TargetDaemon
+from tests.integration.test_processd import rpc
+from tests.loopfs import loop_ext4
+
+pytestmark = [pytest.mark.root, pytest.mark.integration, pytest.mark.slow]
+MACHINE = "machine-r"
+MIB = 64
+
+
+@pytest.fixture
+def sites(tmp_path: Path, tls: TlsMaterial) -> Iterator[tuple[RoleDaemon, RoleDaemon]]:
+    target = TargetDaemon(tmp_path / "target", free_port(), tls)
+    process = ProcessDaemon(tmp_path / "process", free_port(), tls, target.port)
+    for d in (target, process):
+        d.state_dir.mkdir()
+    target.start()
+    process.start()
+    yield process, target
+    for d in (process, target):
+        if d.process and d.process.poll() is None:
+            d.kill()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[tuple[Disk, Path]]:
+    with loop_ext4(tmp_path, MIB) as (device, mnt):
+        found = find(device)
+        probe = TracefsTracker(found)
+        try:
+            probe.start()
+        except TrackerUnavailable as err:
+            pytest.skip(f"tracefs tracker unavailable here: {err}")
+        probe.stop()
+        yield found, mnt
+
+
+def make_sender(process: RoleDaemon, tls: TlsMaterial, acks: AckRelay) -> StreamSender:
+    ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
+    return StreamSender("127.0.0.1", process.port, ctx, name="agent-test", role="agent",
+                        backoff=Backoff(initial=0.05, maximum=0.5), on_ack=acks)  # fmt: skip
+
+
+def device_sha256(disk: Disk) -> str:
+    return hashlib.sha256(read_all(disk.path, disk.size)).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def target_durable(target: RoleDaemon, tls: TlsMaterial, disk_id: str, seq: int) -> None:
+    async with asyncio.timeout(60):
+        while True:
+            disks = {d["disk_id"]: d for d in (await rpc(target, tls, "status"))["disks"]}
+            if disks.get(disk_id, {}).get("durable_seq", 0) >= seq:
+                return
+            await asyncio.sleep(0.2)
+
+
+async def materialized_sha256(
+    target: RoleDaemon, tls: TlsMaterial, tag_id: str, name: str, tmp_path: Path
+) -> str:
+    """The point's flat image: its hash, after `e2fsck -fn` found a copy of it clean."""
+    made = await rpc(target, tls, "materialize", machine_id=MACHINE, tag_id=tag_id, name=name)
+    (descriptor,) = map(Path, made["vmdks"])
+    flat = descriptor.with_name(descriptor.stem + "-flat.vmdk")
+    copy = tmp_path / f"{name}.img"
+    shutil.copyfile(flat, copy)
+    fsck = subprocess.run(["e2fsck", "-fn", str(copy)], check=False, capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    copy.unlink()
+    return file_sha256(flat)
+
+
+class Churn(threading.Thread):
+    """New files (fsynced), overwrites in place and deletes, until stopped."""
+
+    def __init__(self, mnt: Path) -> None:
+        super().__init__(daemon=True)
+        self.mnt = mnt
+        self.halt = threading.Event()
+        self.rounds = 0
+
+    def run(self) -> None:
+        n = 0
+        while not self.halt.is_set():
+            write_file(self.mnt, f"churn-{n % 40}", 4096 * (1 + n % 64))
+            if n % 3 == 0:
+                with open(self.mnt / f"churn-{(n // 2) % 40}", "r+b") as f:
+                    f.write(b"x" * 5000)
+            n += 1
+            self.rounds = n
+            time.sleep(0.02)
+
+
+def test_tags_materialize_to_the_frozen_device_under_churn(
+    sites: tuple[RoleDaemon, RoleDaemon],
+    disk: tuple[Disk, Path],
+    tls: TlsMaterial,
+    tmp_path: Path,
+) -> None:
+    process, target = sites
+    source, mnt = disk
+    for i in range(8):
+        write_file(mnt, f"seed-{i}", 512 * 1024 * (i + 1))
+    frozen: dict[str, str] = {}
+    churn = Churn(mnt)
+
+    async def run() -> None:
+        acks = AckRelay()
+        sender = make_sender(process, tls, acks)
+        rep = Replicator(
+            [source], sender, TracefsTracker, tmp_path / "agent", machine_id=MACHINE,
+            acks=acks, tag_interval=1.0, freeze_timeout=5.0,
+            on_frozen=lambda tag_id: frozen.__setitem__(tag_id, device_sha256(source)),
+        )  # fmt: skip
+        (disk_id,) = rep.disk_ids
+        await sender.start()
+        churn.start()  # writes during the initial copy too
+        await rep.start()
+        await rep.wait_initial(timeout=60)
+        async with asyncio.timeout(40):
+            while len(set(rep.tags(disk_id)) & set(frozen)) < 3:
+                await asyncio.sleep(0.1)
+        churn.halt.set()
+        await rep.stop()
+        tags = {t: s for t, s in rep.tags(disk_id).items() if t in frozen}
+        status = rep.status()[disk_id]
+        print("status", status, "points compared", len(tags))
+        assert status["tracker"] == "tracefs" and status["initial"]["done"]
+        await target_durable(target, tls, disk_id, max(tags.values()))
+        await sender.close()
+        for i, tag_id in enumerate(sorted(tags, key=tags.__getitem__)):
+            got = await materialized_sha256(target, tls, tag_id, f"-p{i}", tmp_path)
+            assert got == frozen[tag_id], f"point {i} ({tag_id}) differs from the frozen device"
+
+    try:
+        uvloop.run(run())
+    finally:
+        churn.halt.set()
+    assert churn.rounds > 20, "the churn did not run during replication"
+
+
+def test_initial_copy_resumes_after_a_restart(
+    sites: tuple[RoleDaemon, RoleDaemon],
+    disk: tuple[Disk, Path],
+    tls: TlsMaterial,
+    tmp_path: Path,
+) -> None:
+    process, target = sites
+    source, mnt = disk
+    for i in range(10):  # ~40 MiB of random data: little of the disk is zero
+        write_file(mnt, f"seed-{i}", 4 << 20)
+    state_dir = tmp_path / "agent"
+    frozen: dict[str, str] = {}
+
+    def trackers(d: Disk) -> Tracker:
+        return TracefsTracker(d)
+
+    async def first_run() -> tuple[str, int, int]:
+        acks = AckRelay()
+        sender = make_sender(process, tls, acks)
+        submit = sender.submit
+
+        async def slow_submit(msg: Data | Tag) -> None:  # so the copy is still running
+            await asyncio.sleep(0.03)
+            await submit(msg)
+
+        sender.submit = slow_submit  # type: ignore[method-assign]
+        rep = Replicator([source], sender, trackers, state_dir, machine_id=MACHINE, acks=acks)
+        (disk_id,) = rep.disk_ids
+        await sender.start()
+        await rep.start()
+        async with asyncio.timeout(30):
+            while rep.progress[disk_id].percent < 25:
+                await asyncio.sleep(0.02)
+        await rep.stop()
+        progress = rep.progress[disk_id]
+        assert not progress.done, "the copy ended before the test could stop it"
+        durable = rep.status()[disk_id]["durable_offset"]
+        acked = sender.acked_seq(disk_id)
+        await sender.close()
+        # The stand-in for the digest request (not in the sender yet) reads the
+        # replica, so it must have applied everything the process server acked.
+        await target_durable(target, tls, disk_id, acked)
+        return disk_id, durable, acked
+
+    disk_id, durable_offset, _ = uvloop.run(first_run())
+    flat = target.datastore / disk_id / f"{disk_id}-flat.vmdk"
+
+    def remote(_: str) -> RemoteDigests:
+        def digests(chunks: list[int]) -> dict[int, bytes]:
+            with flat.open("rb") as f:
+                out = {}
+                for index in chunks:
+                    f.seek(index * 65536)
+                    out[index] = chunk_digest(f.read(min(65536, source.size - index * 65536)))
+                return out
+
+        return digests
+
+    async def second_run() -> None:
+        acks = AckRelay()
+        sender = make_sender(process, tls, acks)
+        rep = Replicator(
+            [source], sender, trackers, state_dir, machine_id=MACHINE, acks=acks,
+            tag_interval=0.5, freeze_timeout=5.0, remote_digests=remote,
+            on_frozen=lambda tag_id: frozen.__setitem__(tag_id, device_sha256(source)),
+        )  # fmt: skip
+        await sender.start()
+        await rep.start()
+        await rep.wait_initial(timeout=60)
+        async with asyncio.timeout(30):
+            while not set(rep.tags(disk_id)) & set(frozen):
+                await asyncio.sleep(0.05)
+        await rep.stop()
+        status = rep.status()[disk_id]
+        print("resumed", status, "durable before restart", durable_offset)
+        assert status["resumed_from"] == durable_offset - durable_offset % (1 << 20) > 0
+        # Only the rest of the disk was read and sent again, and the part copied
+        # before the restart was checked by digest rather than sent.
+        image = read_all(source.path, source.size)
+        start = status["resumed_from"]
+        rest = sum(
+            1 << 20
+            for at in range(start, source.size, 1 << 20)
+            if image[at : at + (1 << 20)].count(0) != 1 << 20
+        )
+        print("non-zero bytes from the resume offset on:", rest)
+        assert status["bytes_sent"] <= rest + (1 << 20)  # + what a tag captured
+        assert status["resync_checked_chunks"] > 0 and status["resent_chunks"] == 0
+        tag_id, seq = next((t, s) for t, s in rep.tags(disk_id).items() if t in frozen)
+        await target_durable(target, tls, disk_id, seq)
+        await sender.close()
+        got = await materialized_sha256(target, tls, tag_id, "-resumed", tmp_path)
+        assert got == frozen[tag_id]
+
+    uvloop.run(second_run())
+
+
+def test_untagged_rounds_under_a_tiny_budget_then_a_point_when_quiet(
+    sites: tuple[RoleDaemon, RoleDaemon],
+    disk: tuple[Disk, Path],
+    tls: TlsMaterial,
+    tmp_path: Path,
+) -> None:
+    """Dirty sets over the capture budget go out without a tag (and status says why);
+    once the churn stops, the next round is small enough and its point is exact."""
+    process, target = sites
+    source, mnt = disk
+    frozen: dict[str, str] = {}
+    churn = Churn(mnt)
+
+    async def run() -> None:
+        acks = AckRelay()
+        sender = make_sender(process, tls, acks)
+        rep = Replicator(
+            [source], sender, TracefsTracker, tmp_path / "agent", machine_id=MACHINE,
+            acks=acks, tag_interval=0.3, freeze_timeout=5.0, capture_budget=64 * 1024,
+            on_frozen=lambda tag_id: frozen.__setitem__(tag_id, device_sha256(source)),
+        )  # fmt: skip
+        (disk_id,) = rep.disk_ids
+        await sender.start()
+        await rep.start()
+        await rep.wait_initial(timeout=60)
+        churn.start()
+        async with asyncio.timeout(30):
+            while rep.status()[disk_id]["untagged_rounds"] < 3:
+                await asyncio.sleep(0.05)
+        churn.halt.set()
+        await asyncio.to_thread(churn.join)
+        seen = set(rep.tags(disk_id))
+        async with asyncio.timeout(30):
+            while not (set(rep.tags(disk_id)) - seen) & set(frozen):
+                await asyncio.sleep(0.05)
+        await rep.stop()
+        status = rep.status()[disk_id]
+        print("untagged", status)
+        assert "exceeds the capture budget" in str(status["last_untagged_reason"])
+        tag_id = max(set(rep.tags(disk_id)) & set(frozen), key=rep.tags(disk_id).__getitem__)
+        await target_durable(target, tls, disk_id, rep.tags(disk_id)[tag_id])
+        await sender.close()
+        assert await materialized_sha256(target, tls, tag_id, "-quiet", tmp_path) == frozen[tag_id]
+
+    try:
+        uvloop.run(run())
+    finally:
+        churn.halt.set()
