@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from agent.digest import chunk_digest
 from agent.discovery import Disk
 from agent.errors import TrackerUnavailable
+from agent.remote import stream_digests
 from agent.replicator import AckRelay, Replicator
-from agent.resync import RemoteDigests
 from agent.trackers.base import Tracker
 from agent.trackers.tracefs import TracefsTracker
 from appliance.wire.messages import Data, Tag
@@ -222,25 +221,15 @@ def test_initial_copy_resumes_after_a_restart(
         return disk_id, durable, acked
 
     disk_id, durable_offset, _ = uvloop.run(first_run())
-    flat = target.datastore / disk_id / f"{disk_id}-flat.vmdk"
-
-    def remote(_: str) -> RemoteDigests:
-        def digests(chunks: list[int]) -> dict[int, bytes]:
-            with flat.open("rb") as f:
-                out = {}
-                for index in chunks:
-                    f.seek(index * 65536)
-                    out[index] = chunk_digest(f.read(min(65536, source.size - index * 65536)))
-                return out
-
-        return digests
 
     async def second_run() -> None:
         acks = AckRelay()
         sender = make_sender(process, tls, acks)
         rep = Replicator(
             [source], sender, trackers, state_dir, machine_id=MACHINE, acks=acks,
-            tag_interval=0.5, freeze_timeout=5.0, remote_digests=remote,
+            tag_interval=0.5, freeze_timeout=5.0,
+            # The real thing: DIGEST_REQUEST through processd, answered by targetd.
+            remote_digests=stream_digests(sender, asyncio.get_running_loop()),
             on_frozen=lambda tag_id: frozen.__setitem__(tag_id, device_sha256(source)),
         )  # fmt: skip
         await sender.start()
