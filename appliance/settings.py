@@ -1,6 +1,7 @@
 """One table of settings drives a role's TOML file, its validation and its docs.
 
-Each `Setting` names a dotted key ("section.name"), its type, default and help text,
+Each `Setting` names a dotted key ("section.name"), its type (str, int, float, bool,
+Path, or list: an array of strings, resolved to a tuple), default and help text,
 plus an optional check. `load()` reads a TOML file with tomllib, rejects unknown keys
 (a typo must not silently fall back to a default), converts and validates every value,
 and returns plain values keyed by the dotted name for a frozen dataclass to take.
@@ -112,6 +113,10 @@ def _convert(setting: Setting, value: Any, path: Path | None) -> Any:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError
             converted = float(value)
+        elif kind is list:  # a list of strings (TOML array), returned as a tuple
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            converted = tuple(value)
         elif kind is Path:
             if not isinstance(value, str | Path) or not str(value):
                 raise TypeError
@@ -122,7 +127,9 @@ def _convert(setting: Setting, value: Any, path: Path | None) -> Any:
             converted = value
     except TypeError:
         raise ConfigError(
-            f"{where}{setting.key} = {value!r} is not a {kind.__name__}", setting.help
+            f"{where}{setting.key} = {value!r} is not a "
+            + ("list of strings" if kind is list else kind.__name__),
+            setting.help,
         ) from None
     if setting.check is not None:
         problem = setting.check(converted)

@@ -1,0 +1,154 @@
+"""`secondsite-agent run`: replicate the configured disks until SIGTERM.
+
+Startup checks (configuration, disks, tracker, TLS material) fail as one operator
+line before READY; afterwards the replicator runs under the common serve loop and
+STATE/status.json (`agent.status`) is rewritten atomically every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import ssl
+import time
+from collections.abc import Callable
+
+import uvloop
+
+from agent.config import AgentConfig, TrackerChoice
+from agent.discovery import Disk
+from agent.errors import AgentError, TrackerUnavailable
+from agent.remote import stream_digests
+from agent.replicator import AckRelay, Replicator
+from agent.status import STATUS_FILE, snapshot
+from agent.trackers.base import Tracker
+from agent.trackers.scan import ScanTracker
+from agent.trackers.tracefs import TracefsTracker
+from appliance.daemon.cli import ConfigError, OperatorError
+from appliance.daemon.runner import make_dirs, serve_until_stopped
+from appliance.daemon.sdnotify import Notifier
+from appliance.storage.atomic import atomic_write
+from appliance.wire.sender import StreamSender
+from appliance.wire.tls import client_context
+
+log = logging.getLogger("secondsite.agent")
+STATUS_INTERVAL = 1.0
+
+TrackerFactory = Callable[[Disk], Tracker]
+
+
+def choose_tracker(config: AgentConfig, disks: list[Disk]) -> TrackerFactory:
+    """The tracker factory for these disks. tracefs is probed (started and stopped) on
+    each disk; under `auto` the first failure switches all disks to scan, logged once
+    with the reason, while an explicit `tracefs` that cannot run is an operator error."""
+    scan_dir = config.state_dir / "scan"
+
+    def scan(disk: Disk) -> Tracker:
+        return ScanTracker(disk, scan_dir / f"{disk.name}.digests")
+
+    if config.tracker is TrackerChoice.SCAN:
+        return scan
+    for disk in disks:
+        probe = TracefsTracker(disk)
+        try:
+            probe.start()
+        except TrackerUnavailable as err:
+            if config.tracker is TrackerChoice.TRACEFS:
+                raise OperatorError(err.message, 'set agent.tracker = "scan" (or "auto")') from None
+            log.warning("%s on %s; falling back to the scan tracker", err.message, disk.path)
+            return scan
+        probe.stop()
+    return TracefsTracker
+
+
+def client_tls(config: AgentConfig) -> ssl.SSLContext:
+    for what, file in (("certificate", config.tls_cert), ("key", config.tls_key),
+                       ("CA certificate", config.tls_ca)):  # fmt: skip
+        if not file.is_file():
+            raise ConfigError(
+                f"TLS {what} {file} does not exist", "set tls.cert, tls.key and tls.ca"
+            )
+    try:
+        return client_context(config.tls_cert, config.tls_key, config.tls_ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot load the TLS material: {exc}") from None
+
+
+def run(config: AgentConfig, disks: list[Disk]) -> int:
+    make_dirs(config.state_dir, config.state_dir / "scan")
+    ssl_context = client_tls(config)
+    factory = choose_tracker(config, disks)
+    uvloop.run(serve(config, disks, factory, ssl_context))
+    return 0
+
+
+async def serve(
+    config: AgentConfig,
+    disks: list[Disk],
+    factory: TrackerFactory,
+    ssl_context: ssl.SSLContext,
+    notifier: Notifier | None = None,
+) -> None:
+    notifier = notifier or Notifier()
+    acks = AckRelay()
+    sender = StreamSender(
+        config.process_host, config.process_port, ssl_context, name=config.machine_id,
+        role="agent", server_hostname=config.tls_name, on_ack=acks,
+    )  # fmt: skip
+    rep = Replicator(
+        disks, sender, factory, config.state_dir, machine_id=config.machine_id, acks=acks,
+        tag_interval=config.tag_interval, freeze_timeout=config.freeze_timeout,
+        remote_digests=stream_digests(sender, asyncio.get_running_loop()),
+    )  # fmt: skip
+    status_path = config.state_dir / STATUS_FILE
+    failed: list[BaseException] = []
+
+    def write_status() -> None:
+        document = snapshot(rep, config.machine_id, sender.state.value,
+                            f"{config.process_host}:{config.process_port}")  # fmt: skip
+        atomic_write(status_path, json.dumps(document, indent=1).encode() + b"\n")
+
+    async def status_loop() -> None:
+        while True:
+            await asyncio.to_thread(write_status)
+            await asyncio.sleep(STATUS_INTERVAL)
+
+    async def watch() -> None:
+        try:
+            await rep.wait()
+        except Exception as exc:  # noqa: BLE001 - re-raised after the shutdown below
+            failed.append(exc)
+            signal.raise_signal(signal.SIGTERM)
+
+    def summary() -> str:
+        parts = []
+        for disk_id, s in rep.status().items():
+            init = s["initial"]
+            state = "synced" if init["done"] else f"initial {init['percent']:.0f}%"
+            parts.append(f"{disk_id} {state}, {s['tags']} tags")
+        return f"{rep.phase}: " + "; ".join(parts)
+
+    await sender.start()
+    await rep.start()
+    log.info(
+        "machine %s: protecting %s with the %s tracker via %s:%d",
+        config.machine_id, ", ".join(str(d.path) for d in disks),
+        "tracefs" if factory is TracefsTracker else "scan",
+        config.process_host, config.process_port,
+    )  # fmt: skip
+    started = time.monotonic()
+    await serve_until_stopped(notifier, f"Replicating {len(disks)} disks", summary,
+                              [status_loop(), watch()])  # fmt: skip
+    log.info("stopping after %.0f s: saving the replication state", time.monotonic() - started)
+    notifier.stopping("Saving the replication state")
+    await rep.stop()
+    await sender.close()
+    await asyncio.to_thread(write_status)
+    if failed:
+        err = failed[0]
+        if isinstance(err, AgentError):
+            raise OperatorError(err.message, err.hint or None)
+        raise err
+    log.info("stopped")
