@@ -11,10 +11,10 @@ APT_PACKAGES := python3-venv libdbus-1-dev libglib2.0-dev dbus e2fsprogs util-li
 .PHONY: quickstart test lint typecheck unit bench deps venv clean
 
 quickstart: venv
-	@echo "secondsite: the one-machine lab arrives with the agent (issue 4); not yet."
-	@echo "Meanwhile: 'make test' runs the wire, master-target and process-server suites;"
-	@echo "'$(VENV)/bin/secondsite-targetd --help' and 'secondsite-processd --help' show"
-	@echo "the two role daemons, and 'make bench' measures them."
+	@trap '$(PY) -m appliance.lab down' EXIT; \
+	$(PY) -m appliance.lab up --size 512M --churn 5 || exit 1; \
+	trap 'echo; exit 0' INT; \
+	while true; do clear; $(PY) -m appliance.lab status; echo "(Ctrl-C: stop and take the lab down)"; sleep 3; done
 
 test: venv lint typecheck unit
 

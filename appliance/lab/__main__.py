@@ -1,0 +1,5 @@
+import sys
+
+from appliance.lab.cli import main
+
+sys.exit(main())
