@@ -74,3 +74,32 @@ def test_status_without_lab_is_one_line(tmp_path: Path) -> None:
     done = lab(tmp_path, "status", check=False)
     assert done.returncode != 0
     assert done.stderr.startswith("secondsite-lab: error: no lab in") and "hint" in done.stderr
+
+
+def test_two_disks_one_machine_share_every_point(tmp_path: Path) -> None:
+    """A recovery point exists only when both disks applied its tag, and it materialises
+    to two filesystems from the same instant (both fsck clean)."""
+    if os.geteuid() != 0 or not shutil.which("losetup") or not shutil.which("e2fsck"):
+        pytest.skip("needs root, losetup and e2fsck")
+    state = tmp_path / "lab"
+    try:
+        lab(state, "up", "--size", "32M", "--disks", "2", "--churn", "2")
+        deadline = time.monotonic() + 60
+        while True:
+            st = lab_json(state, "status")
+            if len(st["disks"]) == 2 and all(
+                d["initial_percent"] == 100.0 and d["points"] >= 1 for d in st["disks"]
+            ):
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(1)
+        points = lab_json(state, "points")
+        assert points
+        out = tmp_path / "out"
+        lab(state, "materialize", points[-1]["tag_id"], "--out", str(out))
+        images = sorted(out.glob("*.img"))
+        assert [p.name for p in images] == ["disk0.img", "disk1.img"]
+        for image in images:
+            subprocess.run(["e2fsck", "-fn", str(image)], check=True, capture_output=True)
+    finally:
+        lab(state, "down")
