@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from appliance.daemon.cli import Unavailable
@@ -32,7 +33,16 @@ def make_image(image: Path, size: int) -> None:
 
 
 def attach(image: Path) -> str:
-    return _run(["losetup", "-f", "--show", str(image)])
+    # Two `losetup -f` running at once can pick the same free device and one of them
+    # fails with EBUSY: try again a few times before calling it unavailable.
+    for attempt in range(5):
+        try:
+            return _run(["losetup", "-f", "--show", str(image)])
+        except Unavailable:
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def mount(device: str, mountpoint: Path) -> None:
