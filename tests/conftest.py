@@ -6,6 +6,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,3 +72,20 @@ def private_bus_factory(tmp_path: Path) -> Iterator[Callable[..., PrivateBus]]:
 @pytest.fixture
 def private_bus(private_bus_factory: Callable[..., PrivateBus]) -> PrivateBus:
     return private_bus_factory()
+
+
+@pytest.fixture
+def sites(tmp_path: Path, tls: TlsMaterial) -> Iterator[tuple[Any, Any]]:
+    """A running processd forwarding to a running targetd: (process, target) RoleDaemons."""
+    from tests.integration.daemons import ProcessDaemon, TargetDaemon
+
+    target = TargetDaemon(tmp_path / "target", free_port(), tls)
+    process = ProcessDaemon(tmp_path / "process", free_port(), tls, target.port)
+    for d in (target, process):
+        d.state_dir.mkdir()
+    target.start()
+    process.start()
+    yield process, target
+    for d in (process, target):
+        if d.process and d.process.poll() is None:
+            d.kill()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,10 +36,10 @@ from appliance.wire.messages import (
     Ping,
     Pong,
     Request,
-    Response,
     Tag,
     Welcome,
 )
+from appliance.wire.rpc import answer
 
 log = logging.getLogger(__name__)
 
@@ -229,17 +228,10 @@ class ProcessService:
         task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, conn: Connection, req: Request) -> None:
-        try:
-            params = json.loads(req.params or b"{}")
-            if not isinstance(params, dict):
-                raise InvalidRequest("params must be a JSON object")
-            result = self._call(req.method, params)
-            response = Response(req.request_id, True, json.dumps(result).encode())
-        except (WireError, ValueError, TypeError, KeyError) as exc:
-            error = {"error": type(exc).__name__, "message": str(exc)}
-            response = Response(req.request_id, False, json.dumps(error).encode())
-        with contextlib.suppress(WireError):
-            await conn.send(response)
+        async def call(method: str, params: dict[str, Any]) -> Any:
+            return self._call(method, params)  # quick, in-memory: on the loop
+
+        await answer(conn, req, call, (WireError, TypeError, KeyError))
 
     def _call(self, method: str, params: dict[str, Any]) -> Any:
         if method == "status":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -63,10 +62,10 @@ from appliance.wire.messages import (
     Ping,
     Pong,
     Request,
-    Response,
     Tag,
     Welcome,
 )
+from appliance.wire.rpc import answer
 
 log = logging.getLogger(__name__)
 
@@ -522,17 +521,11 @@ class TargetService:
 
     async def _answer(self, conn: Connection, req: Request) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            params = json.loads(req.params or b"{}")
-            if not isinstance(params, dict):
-                raise InvalidRequest("params must be a JSON object")
-            result = await loop.run_in_executor(self._control, self._call, req.method, params)
-            response = Response(req.request_id, True, json.dumps(result).encode())
-        except (TargetError, WireError, ValueError, TypeError, KeyError) as exc:
-            error = {"error": type(exc).__name__, "message": str(exc)}
-            response = Response(req.request_id, False, json.dumps(error).encode())
-        with contextlib.suppress(WireError):  # the peer went away: nothing to answer
-            await conn.send(response)
+
+        async def call(method: str, params: dict[str, Any]) -> Any:
+            return await loop.run_in_executor(self._control, self._call, method, params)
+
+        await answer(conn, req, call, (TargetError, WireError, TypeError, KeyError))
 
     def _call(self, method: str, params: dict[str, Any]) -> Any:
         """Control RPCs, in a control thread (never on the event loop)."""

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,8 @@ from appliance.daemon.cli import ConfigError
 from appliance.settings import Setting, load
 from tests.agent.helpers import write_file
 from tests.agent.test_discovery import fake_host  # noqa: F401 - fixture
-from tests.conftest import TlsMaterial, free_port
-from tests.integration.daemons import ProcessDaemon, RoleDaemon, TargetDaemon
-from tests.integration.test_processd import rpc
+from tests.conftest import TlsMaterial
+from tests.integration.daemons import RoleDaemon, rpc
 from tests.loopfs import loop_ext4
 
 
@@ -191,20 +189,6 @@ def test_fresh_status_renders_per_disk(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 # -- run, end to end -------------------------------------------------------------------
-
-
-@pytest.fixture
-def sites(tmp_path: Path, tls: TlsMaterial) -> Iterator[tuple[RoleDaemon, RoleDaemon]]:
-    target = TargetDaemon(tmp_path / "target", free_port(), tls)
-    process = ProcessDaemon(tmp_path / "process", free_port(), tls, target.port)
-    for d in (target, process):
-        d.state_dir.mkdir()
-    target.start()
-    process.start()
-    yield process, target
-    for d in (process, target):
-        if d.process and d.process.poll() is None:
-            d.kill()
 
 
 def start_agent(config: Path, log: Path, notify_path: Path) -> subprocess.Popen[bytes]:

@@ -28,28 +28,13 @@ from appliance.wire.reconnect import Backoff
 from appliance.wire.sender import StreamSender
 from appliance.wire.tls import client_context
 from tests.agent.helpers import find, read_all, write_file
-from tests.conftest import TlsMaterial, free_port
-from tests.integration.daemons import ProcessDaemon, RoleDaemon, TargetDaemon
-from tests.integration.test_processd import rpc
+from tests.conftest import TlsMaterial
+from tests.integration.daemons import RoleDaemon, rpc
 from tests.loopfs import loop_ext4
 
 pytestmark = [pytest.mark.root, pytest.mark.integration, pytest.mark.slow]
 MACHINE = "machine-r"
 MIB = 64
-
-
-@pytest.fixture
-def sites(tmp_path: Path, tls: TlsMaterial) -> Iterator[tuple[RoleDaemon, RoleDaemon]]:
-    target = TargetDaemon(tmp_path / "target", free_port(), tls)
-    process = ProcessDaemon(tmp_path / "process", free_port(), tls, target.port)
-    for d in (target, process):
-        d.state_dir.mkdir()
-    target.start()
-    process.start()
-    yield process, target
-    for d in (process, target):
-        if d.process and d.process.poll() is None:
-            d.kill()
 
 
 @pytest.fixture

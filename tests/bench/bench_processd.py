@@ -29,13 +29,12 @@ import uvloop
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from appliance.wire.connection import open_connection  # noqa: E402
-from appliance.wire.messages import Data, Hello, Request, Response  # noqa: E402
+from appliance.wire.messages import Data  # noqa: E402
 from appliance.wire.sender import StreamSender  # noqa: E402
 from appliance.wire.tls import client_context  # noqa: E402
 from tests.bench.bench_compress import baseline, make_extents  # noqa: E402
 from tests.conftest import TlsMaterial  # noqa: E402
-from tests.integration.daemons import ProcessDaemon, RoleDaemon, TargetDaemon  # noqa: E402
+from tests.integration.daemons import ProcessDaemon, RoleDaemon, TargetDaemon, rpc  # noqa: E402
 from tests.pki import Authority  # noqa: E402
 
 MIB = 1024 * 1024
@@ -49,20 +48,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def rpc(daemon: RoleDaemon, tls: TlsMaterial, method: str, **params: object) -> dict:  # type: ignore[type-arg]
-    ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
-    conn = await open_connection("127.0.0.1", daemon.port, ctx, server_hostname="localhost")
-    try:
-        await conn.send(Hello("admin", "bench"))
-        await conn.recv()
-        await conn.send(Request.make(1, method, **params))
-        while not isinstance(reply := await conn.recv(), Response):
-            pass
-        return json.loads(reply.result)  # type: ignore[no-any-return]
-    finally:
-        conn.close()
 
 
 async def wait_durable(target: RoleDaemon, tls: TlsMaterial, disk: str, seq: int) -> None:

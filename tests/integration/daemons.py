@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.wire.connection import open_connection
+from appliance.wire.messages import Hello, Request, Response
+from appliance.wire.tls import client_context
 from tests.conftest import TlsMaterial
 
 
@@ -119,3 +123,18 @@ def ProcessDaemon(
 ) -> RoleDaemon:
     config = f'[target]\naddress = "127.0.0.1:{target_port}"\ntls_name = "localhost"\n'
     return RoleDaemon(state_dir, port, tls, config + extra_config, "appliance.process")
+
+
+async def rpc(daemon: RoleDaemon, tls: TlsMaterial, method: str, **params: object) -> dict:  # type: ignore[type-arg]
+    ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
+    conn = await open_connection("127.0.0.1", daemon.port, ctx, server_hostname="localhost")
+    try:
+        await conn.send(Hello("admin", "test"))
+        await conn.recv()
+        await conn.send(Request.make(1, method, **params))
+        while not isinstance(reply := await conn.recv(), Response):
+            pass
+        assert reply.ok, reply.result
+        return json.loads(reply.result)  # type: ignore[no-any-return]
+    finally:
+        conn.close()

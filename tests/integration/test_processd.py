@@ -11,19 +11,16 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import uvloop
 
-from appliance.wire.connection import open_connection
-from appliance.wire.messages import Hello, Request, Response
 from appliance.wire.reconnect import Backoff
 from appliance.wire.sender import StreamSender
 from appliance.wire.tls import client_context
 from tests.conftest import TlsMaterial, free_port
-from tests.integration.daemons import ProcessDaemon, RoleDaemon, TargetDaemon
+from tests.integration.daemons import ProcessDaemon, RoleDaemon, TargetDaemon, rpc
 from tests.integration.stream_model import StreamScript, file_sha256
 from tests.loopfs import small_ext4
 
@@ -33,41 +30,12 @@ DISK, MACHINE = "disk-p", "machine-p"
 SIZE = 32 * 1024 * 1024
 
 
-@pytest.fixture
-def sites(tmp_path: Path, tls: TlsMaterial) -> Iterator[tuple[RoleDaemon, RoleDaemon]]:
-    target = TargetDaemon(tmp_path / "target", free_port(), tls)
-    process = ProcessDaemon(tmp_path / "process", free_port(), tls, target.port)
-    for d in (target, process):
-        d.state_dir.mkdir()
-    target.start()
-    process.start()
-    yield process, target
-    for d in (process, target):
-        if d.process and d.process.poll() is None:
-            d.kill()
-
-
 def agent(process: RoleDaemon, tls: TlsMaterial) -> StreamSender:
     ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
     sender = StreamSender("127.0.0.1", process.port, ctx, name="agent-test", role="agent",
                           backoff=Backoff(initial=0.05, maximum=0.5))  # fmt: skip
     sender.add_disk(DISK, MACHINE, SIZE)
     return sender
-
-
-async def rpc(daemon: RoleDaemon, tls: TlsMaterial, method: str, **params: object) -> dict:  # type: ignore[type-arg]
-    ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
-    conn = await open_connection("127.0.0.1", daemon.port, ctx, server_hostname="localhost")
-    try:
-        await conn.send(Hello("admin", "test"))
-        await conn.recv()
-        await conn.send(Request.make(1, method, **params))
-        while not isinstance(reply := await conn.recv(), Response):
-            pass
-        assert reply.ok, reply.result
-        return json.loads(reply.result)  # type: ignore[no-any-return]
-    finally:
-        conn.close()
 
 
 def status(daemon: RoleDaemon, tls: TlsMaterial) -> dict:  # type: ignore[type-arg]

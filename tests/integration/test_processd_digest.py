@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ from appliance.wire.reconnect import Backoff
 from appliance.wire.sender import StreamSender
 from appliance.wire.tls import client_context
 from tests.conftest import TlsMaterial, free_port
-from tests.integration.daemons import ProcessDaemon, RoleDaemon, TargetDaemon
+from tests.integration.daemons import RoleDaemon
 
 pytestmark = pytest.mark.integration
 
@@ -41,20 +40,6 @@ DISK, MACHINE = "disk-d", "machine-d"
 CHUNK = 64 << 10
 SIZE = 16 * CHUNK + 3 * 512  # the last chunk (16) is short, as the agent hashes it
 CHUNKS = tuple(range(17))
-
-
-@pytest.fixture
-def sites(tmp_path: Path, tls: TlsMaterial) -> Iterator[tuple[RoleDaemon, RoleDaemon]]:
-    target = TargetDaemon(tmp_path / "target", free_port(), tls)
-    process = ProcessDaemon(tmp_path / "process", free_port(), tls, target.port)
-    for d in (target, process):
-        d.state_dir.mkdir()
-    target.start()
-    process.start()
-    yield process, target
-    for d in (process, target):
-        if d.process and d.process.poll() is None:
-            d.kill()
 
 
 def agent(process: RoleDaemon, tls: TlsMaterial) -> StreamSender:

@@ -207,6 +207,13 @@ def test_ping_requests_and_unknown_methods(daemon: RoleDaemon, tls: TlsMaterial)
     answers = {r.request_id: r for r in replies if isinstance(r, Response)}
     assert not answers[7].ok and "unknown method" in answers[7].result.decode()
     assert not answers[8].ok
+    # Params that are not a JSON object, or not JSON at all: an answer, not a dropped peer.
+    replies = uvloop.run(
+        _session(daemon, tls, Request(9, "status", b"[1]"), Request(10, "status", b"{nope"))
+    )
+    answers = {r.request_id: r for r in replies if isinstance(r, Response)}
+    assert not answers[9].ok and "params must be a JSON object" in answers[9].result.decode()
+    assert not answers[10].ok and "JSONDecodeError" in answers[10].result.decode()
 
 
 def test_sigterm_makes_pending_data_durable(daemon: RoleDaemon, tls: TlsMaterial) -> None:
