@@ -16,7 +16,7 @@ from appliance.lab import disks as loopfs
 from appliance.lab import rpc
 from appliance.lab.agent import read_agent_status, start_agent, write_agent_config
 from appliance.lab.pki import TLS_NAME, make_pki
-from appliance.lab.procs import alive, free_port, spawn, start_notified, stop
+from appliance.lab.procs import alive, free_port, spawn, start_notified, stop, strays
 from appliance.lab.state import LabDisk, LabState, Proc
 
 MACHINE_ID = "lab"
@@ -204,6 +204,12 @@ def down(state_dir: Path, quiet: bool = False) -> list[str]:
         if proc is not None and alive(proc):
             stop(proc)
             done.append(f"stopped {name} (pid {proc.pid})")
+    # Started but never recorded (a crash mid-`up`): found by the state directory in
+    # their command line (every lab process takes its config or state from there).
+    for proc in strays(lab.state_dir + "/"):
+        if alive(proc):
+            stop(proc)
+            done.append(f"stopped an unrecorded {Path(proc.argv[0]).name} (pid {proc.pid})")
     for disk in lab.disks:
         try:
             if disk.mount and loopfs.is_mounted(disk.mount):

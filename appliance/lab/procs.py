@@ -97,3 +97,26 @@ def stop(proc: Proc, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + 5
         while alive(proc) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+# What the lab starts (`python -m MODULE ...`): only these are ever swept up as strays,
+# never, say, an operator's `tail -f` of a log in the state directory.
+LAB_MODULES = ("appliance.target", "appliance.process", "agent", "appliance.lab.churn")
+
+
+def strays(marker: str) -> list[Proc]:
+    """Lab processes whose command line mentions `marker` (the lab's state directory):
+    what a crash between starting a process and recording it in lab.json leaves."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        argv = [a.decode(errors="replace") for a in raw if a]
+        ours = len(argv) > 2 and argv[1] == "-m" and argv[2] in LAB_MODULES
+        if ours and any(marker in arg for arg in argv):
+            found.append(Proc("stray", int(entry.name), argv, ""))
+    return found

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from appliance.storage.atomic import atomic_write
 
 LAB_FILE = "lab.json"
 
@@ -45,12 +46,7 @@ class LabState:
 
     def save(self) -> None:
         """Atomically: a crash leaves the old file or the new one, never half of one."""
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            json.dump(asdict(self), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(asdict(self), indent=2).encode())
 
     @classmethod
     def load(cls, state_dir: Path) -> LabState | None:

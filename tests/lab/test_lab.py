@@ -68,6 +68,7 @@ def test_lab_up_points_materialize_down(tmp_path: Path) -> None:
     pids = [p.pid for p in __import__("appliance.lab.state", fromlist=["LabState"])
             .LabState.load(state).procs.values()]  # fmt: skip
     assert pids == []
+    assert survivors(state) == []
 
 
 def test_status_without_lab_is_one_line(tmp_path: Path) -> None:
@@ -101,5 +102,33 @@ def test_two_disks_one_machine_share_every_point(tmp_path: Path) -> None:
         assert [p.name for p in images] == ["disk0.img", "disk1.img"]
         for image in images:
             subprocess.run(["e2fsck", "-fn", str(image)], check=True, capture_output=True)
+    finally:
+        lab(state, "down")
+
+
+def survivors(state: Path) -> list[str]:
+    """Lab processes (by command line) still running for this state directory."""
+    from appliance.lab.procs import strays
+
+    return [" ".join(p.argv) for p in strays(str(state.resolve()) + "/")]
+
+
+def test_down_after_a_crash_mid_up_stops_unrecorded_processes(tmp_path: Path) -> None:
+    """`up` died after starting processd but before lab.json recorded it: down still
+    stops it (found by the state directory in its command line)."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup")
+    from appliance.lab.state import LabState
+
+    state = tmp_path / "lab"
+    try:
+        lab(state, "up", "--size", "32M")
+        recorded = LabState.load(state.resolve())
+        assert recorded is not None
+        lost = recorded.procs.pop("processd")
+        recorded.save()  # as if the crash came before this record was written
+        assert " ".join(lost.argv) in survivors(state)  # still running, unrecorded
+        lab(state, "down")
+        assert survivors(state) == []
     finally:
         lab(state, "down")
