@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from agent.config import (
     resolve_disks,
 )
 from appliance.daemon.cli import run_main
+from appliance.daemon.enrolled import enrol
 from appliance.daemon.logs import setup_logging
 from appliance.daemon.runner import config_path
 from appliance.settings import describe
@@ -34,8 +36,8 @@ EPILOG = f"""\
 commands:
   run      replicate the configured disks until SIGTERM
   status   the running agent's view: initial sync, acknowledged sequence, tags
-  enrol: arrives with the configuration server (until then the TLS material and
-         agent.process_server are configured by hand)
+  enroll   enrol with the configuration server (its one-time passphrase), store the
+           certificate under STATE/tls; `run` then protects what the server assigns
 
 configuration file keys for `run` (TOML, [section] name = value):
 {describe(AGENT_SETTINGS)}
@@ -71,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-config", action="store_true",
         help="print the resolved configuration as JSON and exit (disks are not checked)",
     )  # fmt: skip
+    enroll = commands.add_parser(
+        "enroll", help="enrol with the configuration server and store the certificate"
+    )
+    enroll.add_argument("--server", required=True, metavar="HOST:PORT",
+                        help="the configuration server (port 9440)")  # fmt: skip
+    enroll.add_argument(
+        "--passphrase-file", required=True, type=Path, metavar="FILE",
+        help="file with the passphrase that 'secondsitectl passphrase' shows",
+    )  # fmt: skip
+    enroll.add_argument(
+        "--config", type=Path, metavar="FILE",
+        help=f"configuration file (default {DEFAULT_CONFIG}, used only if it exists)",
+    )  # fmt: skip
+    enroll.add_argument("--state-dir", metavar="DIR", help="overrides agent.state_dir")
     status = commands.add_parser("status", help="the running agent's replication status")
     status.add_argument("--json", action="store_true", help="the status file plus 'running'")
     status.add_argument(
@@ -88,6 +104,8 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "status":
         return show_status(args.state_dir, as_json=args.json)
+    if args.command == "enroll":
+        return enroll(args)
     setup_logging(args.log_level)
     config = AgentConfig.load(
         config_path(args.config, DEFAULT_CONFIG), {"agent.state_dir": args.state_dir}
@@ -100,6 +118,27 @@ def _main(argv: list[str] | None) -> int:
     from agent.daemon import run  # the replication stack, only for `run`
 
     return run(config, disks)
+
+
+def enroll(args: argparse.Namespace) -> int:
+    config = AgentConfig.load(
+        config_path(args.config, DEFAULT_CONFIG), {"agent.state_dir": args.state_dir},
+        enrolling=True,
+    )  # fmt: skip
+    disks = resolve_disks(config.disks)
+    facts = {
+        "hostname": socket.gethostname(),
+        "disks": [{"disk_id": f"{config.machine_id}-{d.name}", "path": str(d.path),
+                   "size_bytes": d.size, "sector_size": d.logical_sector_size}
+                  for d in disks],
+    }  # fmt: skip
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    enrolled = enrol(config.state_dir, args.server, args.passphrase_file,
+                     name=config.machine_id, kind="agent", sans=[], facts=facts,
+                     stem="agent")  # fmt: skip
+    print(f"enrolled machine {config.machine_id} with {enrolled.config_server} "
+          f"(certificate {enrolled.serial}); start `secondsite-agent run`")  # fmt: skip
+    return 0
 
 
 def show_status(state_dir: Path, *, as_json: bool) -> int:

@@ -48,7 +48,8 @@ AGENT_SETTINGS = (
             "this machine's id at the target (default: the host name)"),
     Setting("agent.state_dir", str, str(DEFAULT_STATE_DIR),
             "replication state, status.json, TLS material"),
-    Setting("agent.process_server", str, "", "HOST:PORT of the process server (required)",
+    Setting("agent.process_server", str, "",
+            "HOST:PORT of the process server (empty: the configuration server assigns it)",
             _process_server),
     Setting("agent.tls_name", str, "",
             "name the process server's certificate must carry (default: its host)"),
@@ -78,19 +79,25 @@ class AgentConfig:
     tls_cert: Path
     tls_key: Path
     tls_ca: Path
+    managed: bool = False  # the configuration server says what to protect, and where
 
     @classmethod
-    def load(cls, path: Path | None, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    def load(
+        cls, path: Path | None, overrides: dict[str, Any] | None = None, *, enrolling: bool = False
+    ) -> AgentConfig:
+        """The configuration; without agent.process_server the agent must have enrolled
+        (the configuration server then assigns the process server) or be enrolling."""
         v = load(AGENT_SETTINGS, path, overrides)
-        if not v["agent.process_server"]:
+        state = Path(v["agent.state_dir"])
+        managed = not v["agent.process_server"]
+        if managed and not enrolling and not (state / "enrolment.json").exists():
             where = f"{path}: " if path else ""
             raise ConfigError(
-                f"{where}agent.process_server is not set",
-                'set it to the process server\'s HOST:PORT, e.g. process_server = "ps1:9441" '
-                "under [agent]",
+                f"{where}agent.process_server is not set and this agent has not enrolled",
+                "run 'secondsite-agent enroll --server HOST:9440 --passphrase-file F', or set "
+                'process_server = "ps1:9441" under [agent]',
             )
-        host, port = parse_host_port(v["agent.process_server"])
-        state = Path(v["agent.state_dir"])
+        host, port = ("", 0) if managed else parse_host_port(v["agent.process_server"])
 
         def under_state(key: str, default: Path) -> Path:
             return Path(v[key]) if v[key] else default
@@ -101,6 +108,7 @@ class AgentConfig:
             process_host=host,
             process_port=port,
             tls_name=v["agent.tls_name"] or host,
+            managed=managed,
             disks=tuple(Path(p) for p in v["agent.disks"]),
             tracker=TrackerChoice(v["agent.tracker"]),
             tag_interval=v["agent.tag_interval"],

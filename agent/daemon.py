@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import ssl
 import time
@@ -20,6 +21,7 @@ import uvloop
 from agent.config import AgentConfig, TrackerChoice
 from agent.discovery import Disk
 from agent.errors import AgentError, TrackerUnavailable
+from agent.managed import Controller
 from agent.remote import stream_digests
 from agent.replicator import AckRelay, Replicator
 from agent.status import STATUS_FILE, snapshot
@@ -27,6 +29,8 @@ from agent.trackers.base import Tracker
 from agent.trackers.scan import ScanTracker
 from agent.trackers.tracefs import TracefsTracker
 from appliance.daemon.cli import ConfigError, OperatorError
+from appliance.daemon.enrolled import Enrolled, reporter
+from appliance.daemon.enrolled import load as load_enrolment
 from appliance.daemon.runner import make_dirs, serve_until_stopped
 from appliance.daemon.sdnotify import Notifier
 from appliance.storage.atomic import atomic_write
@@ -80,8 +84,74 @@ def run(config: AgentConfig, disks: list[Disk]) -> int:
     make_dirs(config.state_dir, config.state_dir / "scan")
     ssl_context = client_tls(config)
     factory = choose_tracker(config, disks)
-    uvloop.run(serve(config, disks, factory, ssl_context))
+    if config.managed:
+        enrolled = load_enrolment(config.state_dir)
+        assert enrolled is not None  # AgentConfig.load checked that the file exists
+        uvloop.run(serve_managed(config, disks, factory, ssl_context, enrolled))
+    else:
+        uvloop.run(serve(config, disks, factory, ssl_context))
     return 0
+
+
+async def serve_managed(  # noqa: PLR0917 - mirrors serve()
+    config: AgentConfig,
+    disks: list[Disk],
+    factory: TrackerFactory,
+    ssl_context: ssl.SSLContext,
+    enrolled: Enrolled,
+    notifier: Notifier | None = None,
+) -> None:
+    """Report to the configuration server and protect what (and where) it says."""
+    notifier = notifier or Notifier()
+    controller = Controller(config, disks, factory, ssl_context)
+    reports = reporter(enrolled, config.state_dir, "agent", build=controller.report,
+                       on_answer=controller.apply)  # fmt: skip
+    status_path = config.state_dir / STATUS_FILE
+
+    def write_status() -> None:
+        session = controller.session
+        if session is not None:
+            document = snapshot(session.replicator, config.machine_id,
+                                session.sender.state.value, session.address)  # fmt: skip
+        else:
+            document = {"pid": os.getpid(), "time": time.time(),
+                        "machine_id": config.machine_id, "phase": "not protected",
+                        "connection": "none", "process_server": None, "disks": {}}  # fmt: skip
+        document["config_server"] = {"address": enrolled.config_server,
+                                     "connected": reports.connected,
+                                     "error": reports.last_error}  # fmt: skip
+        atomic_write(status_path, json.dumps(document, indent=1).encode() + b"\n")
+
+    async def status_loop() -> None:
+        while True:
+            await asyncio.to_thread(write_status)
+            if controller.failed is not None:
+                signal.raise_signal(signal.SIGTERM)
+                return
+            await asyncio.sleep(STATUS_INTERVAL)
+
+    def summary() -> str:
+        session = controller.session
+        where = f"via {session.address}" if session else "not protected"
+        state = "connected" if reports.connected else "unreachable"
+        return (
+            f"{session.replicator.phase if session else 'idle'} {where}; "
+            f"configuration server {state}"
+        )
+
+    log.info("machine %s: enrolled with %s; waiting for its instructions",
+             config.machine_id, enrolled.config_server)  # fmt: skip
+    await serve_until_stopped(notifier, "Reporting to the configuration server", summary,
+                              [reports.run(), status_loop()])  # fmt: skip
+    notifier.stopping("Saving the replication state")
+    await controller.close()
+    await asyncio.to_thread(write_status)
+    if controller.failed is not None:
+        err = controller.failed
+        if isinstance(err, AgentError):
+            raise OperatorError(err.message, err.hint or None)
+        raise err
+    log.info("stopped")
 
 
 async def serve(

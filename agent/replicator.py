@@ -111,6 +111,8 @@ class Replicator:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._read_rate: float | None = None
+        self._resync_wanted: int | None = None
+        self.resync_done = 0  # the newest resync generation finished (see request_resync)
         self.phase = "created"
         self.error: BaseException | None = None
 
@@ -130,6 +132,13 @@ class Replicator:
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {run.disk_id: run.status() | {"phase": self.phase} for run in self._runs}
+
+    def request_resync(self, generation: int) -> None:
+        """Compare every chunk of every disk with the master target's digests and send
+        what differs (the configuration server asked, e.g. after a suspected divergence);
+        `resync_done` becomes `generation` once the differences are queued."""
+        if generation > max(self.resync_done, self._resync_wanted or 0):
+            self._resync_wanted = generation
 
     async def start(self) -> None:
         if self._task is not None:
@@ -280,6 +289,11 @@ class Replicator:
                 run.gap = None
         next_tag = time.monotonic()  # a first point as soon as possible
         while not self._stopping.is_set():
+            if self._resync_wanted is not None:
+                generation, self._resync_wanted = self._resync_wanted, None
+                for run in self._runs:
+                    await self._resync(run, DirtyMap.full(run.state.size, self.chunk))
+                self.resync_done = generation
             for run in self._runs:
                 await self._send_dirty(run, await asyncio.to_thread(run.live_drain))
             remaining = next_tag - time.monotonic()

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -39,6 +40,54 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_config: Path) 
         "--check-config", action="store_true",
         help="print the resolved configuration as JSON and exit",
     )  # fmt: skip
+
+
+def add_enrol_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "enrolment", "enrol with the configuration server, store the certificate, and exit"
+    )
+    group.add_argument(
+        "--enroll",
+        metavar="HOST:PORT",
+        help="the configuration server to enrol with (its port is 9440)",
+    )
+    group.add_argument(
+        "--passphrase-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the enrolment passphrase (secondsitectl passphrase)",
+    )
+    group.add_argument("--advertise", metavar="HOST:PORT",
+                       help="address peers reach this server at (default: the listen "
+                            "address, or this host's name when listening on all)")  # fmt: skip
+
+
+def advertised(given: str | None, host: str, port: int) -> str:
+    if given:
+        return given
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
+def enrol_and_exit(
+    args: argparse.Namespace, state_dir: Path, name: str, kind: str, facts: dict[str, Any]
+) -> int:
+    """`--enroll`: the exchange, then the files under STATE; prints what it got."""
+    from appliance.daemon.enrolled import enrol
+
+    if args.passphrase_file is None:
+        raise ConfigError(
+            "--enroll needs --passphrase-file",
+            "secondsitectl passphrase prints it on the configuration server",
+        )
+    host = str(facts["address"]).rpartition(":")[0].strip("[]")
+    make_dirs(state_dir)
+    enrolled = enrol(state_dir, args.enroll, args.passphrase_file, name=name, kind=kind,
+                     sans=[host], facts=facts, stem=kind)  # fmt: skip
+    print(f"enrolled {name} as a {kind} server with {enrolled.config_server} "
+          f"(certificate {enrolled.serial}); start the daemon to begin reporting")  # fmt: skip
+    return 0
 
 
 def config_path(given: Path | None, default: Path) -> Path | None:

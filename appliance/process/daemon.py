@@ -8,15 +8,21 @@ import logging
 import ssl
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import uvloop
 
 from appliance.daemon.cli import run_main
+from appliance.daemon.enrolled import disk_space, reporter
+from appliance.daemon.enrolled import load as load_enrolment
 from appliance.daemon.logs import setup_logging
 from appliance.daemon.runner import (
     EXIT_STATUS,
     add_common_arguments,
+    add_enrol_arguments,
+    advertised,
     config_path,
+    enrol_and_exit,
     listen,
     make_dirs,
     serve_until_stopped,
@@ -75,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_arguments(parser, DEFAULT_CONFIG)
     parser.add_argument("--target", metavar="HOST:PORT", help="overrides target.address")
+    add_enrol_arguments(parser)
     return parser
 
 
@@ -97,6 +104,11 @@ def _main(argv: list[str] | None) -> int:
         json.dump(config.as_dict(), sys.stdout, indent=2)
         print()
         return 0
+    if args.enroll:
+        facts = {"address": advertised(args.advertise, config.host, config.port)}
+        if config.target is not None:
+            facts["target"] = "{}:{}".format(*config.target)
+        return enrol_and_exit(args, config.state_dir, config.name, "process", facts)
     server_ssl = tls_context(config.tls_cert, config.tls_key, config.tls_ca)
     client_ssl = client_context(config.tls_cert, config.tls_key, config.tls_ca)
     make_dirs(config.state_dir, config.spool_dir)
@@ -157,9 +169,30 @@ async def serve(
         health = ", ".join(summary["health"]) or "healthy"
         return f"{len(summary['disks'])} disks, spool {summary['spool_bytes'] >> 20} MiB, {health}"
 
+    background = []
+    enrolled = load_enrolment(config.state_dir)
+    if enrolled is not None:
+
+        def report() -> dict[str, Any]:
+            summary = service.status()
+            return {
+                "disks": summary["disks"], "spool_bytes": summary["spool_bytes"],
+                "connections": summary["connections"], "health": summary["health"],
+                "target": "{}:{}".format(*config.target) if config.target else None,
+                **disk_space(config.spool_dir),
+            }  # fmt: skip
+
+        def answered(answer: dict[str, Any]) -> None:
+            server.revoke(set(answer.get("revoked", ())))
+
+        background.append(
+            reporter(enrolled, config.state_dir, "process", build=report, on_answer=answered).run()
+        )
     log.info("serving agents on %s:%d, forwarding to %s", config.host, config.port,
              "{}:{}".format(*config.target) if config.target else "nobody yet")  # fmt: skip
-    await serve_until_stopped(notifier, f"Serving on {config.host}:{config.port}", status, [])
+    await serve_until_stopped(
+        notifier, f"Serving on {config.host}:{config.port}", status, background
+    )
     log.info("stopping: committing the spool")
     notifier.stopping("Committing the spool")
     server.close()

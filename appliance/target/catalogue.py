@@ -238,6 +238,32 @@ class Catalogue:
         sql += " ORDER BY p.seq, p.disk_id"
         return [_point(r) for r in self._conn().execute(sql, args)]
 
+    def newest_points(self) -> dict[str, tuple[str, int, str, int | None]]:
+        """Per machine: (tag id, time_ns, kind) of the newest usable tag every disk of
+        the machine has applied, and the time_ns of the newest such app-consistent one."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT d.machine_id, p.tag_id, MIN(p.time_ns), MIN(p.kind), COUNT(*)"
+                " FROM points p JOIN disks d ON d.disk_id = p.disk_id WHERE p.usable = 1"
+                " GROUP BY d.machine_id, p.tag_id"
+                " HAVING COUNT(*) ="
+                " (SELECT COUNT(*) FROM disks x WHERE x.machine_id = d.machine_id)"
+            )
+            .fetchall()
+        )
+        newest: dict[str, tuple[str, int, str, int | None]] = {}
+        for machine, tag_id, time_ns, kind, _ in rows:
+            best = newest.get(machine)
+            app = best[3] if best else None
+            if kind == "app" and (app is None or time_ns > app):
+                app = time_ns
+            if best is None or time_ns > best[1]:
+                newest[machine] = (tag_id, time_ns, kind, app)
+            else:
+                newest[machine] = (*best[:3], app)
+        return newest
+
     def point(self, disk_id: str, tag_id: str) -> PointRow | None:
         row = (
             self._conn()

@@ -8,15 +8,21 @@ import json
 import logging
 import ssl
 import sys
+from typing import Any
 
 import uvloop
 
 from appliance.daemon.cli import run_main
+from appliance.daemon.enrolled import disk_space, reporter
+from appliance.daemon.enrolled import load as load_enrolment
 from appliance.daemon.logs import setup_logging
 from appliance.daemon.runner import (
     EXIT_STATUS,
     add_common_arguments,
+    add_enrol_arguments,
+    advertised,
     config_path,
+    enrol_and_exit,
     listen,
     make_dirs,
     serve_until_stopped,
@@ -68,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_arguments(parser, DEFAULT_CONFIG)
     parser.add_argument("--datastore", metavar="DIR", help="overrides storage.datastore")
+    add_enrol_arguments(parser)
     return parser
 
 
@@ -90,6 +97,9 @@ def _main(argv: list[str] | None) -> int:
         json.dump(config.as_dict(), sys.stdout, indent=2)
         print()
         return 0
+    if args.enroll:
+        facts = {"address": advertised(args.advertise, config.host, config.port)}
+        return enrol_and_exit(args, config.state_dir, config.name, "target", facts)
     ssl_context = tls_context(config.tls_cert, config.tls_key, config.tls_ca)
     make_dirs(config.state_dir, config.datastore)
     uvloop.run(serve(config, ssl_context))
@@ -132,6 +142,29 @@ async def serve(
         store.close()
         raise
     background = []
+    enrolled = load_enrolment(config.state_dir)
+    if enrolled is not None:
+        loop = asyncio.get_running_loop()
+
+        async def report() -> dict[str, Any]:
+            newest = await loop.run_in_executor(None, store.newest_points)
+            return {
+                "machines": {
+                    m: {"tag_id": tag, "time": t / 1e9, "kind": kind,
+                        "newest_app_time": None if app is None else app / 1e9}
+                    for m, (tag, t, kind, app) in newest.items()
+                },
+                "connections": service.connections,
+                "disks": len(service.status()["disks"]),
+                **disk_space(config.datastore),
+            }  # fmt: skip
+
+        def answered(answer: dict[str, Any]) -> None:
+            server.revoke(set(answer.get("revoked", ())))
+
+        background.append(
+            reporter(enrolled, config.state_dir, "target", build=report, on_answer=answered).run()
+        )
     if config.prune_seconds:
         background.append(_prune_loop(store, config.prune_seconds))
 

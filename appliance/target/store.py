@@ -197,6 +197,11 @@ class ReplicaStore:
 
     # -- points ----------------------------------------------------------------------
 
+    def newest_points(self) -> dict[str, tuple[str, int, str, int | None]]:
+        """Per machine: the newest usable recovery point (tag id, time_ns, kind) and the
+        time_ns of the newest app-consistent one (the configuration server's RPO)."""
+        return self._catalogue.newest_points()
+
     def points(
         self, machine_id: str | None = None, disk_id: str | None = None
     ) -> list[RecoveryPoint]:

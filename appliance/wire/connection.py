@@ -109,6 +109,7 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self.counters = counters
         self.peer = ""
+        self.peer_serial: str | None = None  # the certificate's serial, lower-case hex
         self.state = ConnectionState.CONNECTING
         self.bytes_in = 0
         self.bytes_out = 0
@@ -406,8 +407,13 @@ async def start_server(
     handshake_timeout: float = 10,
     inbound_limit: int = INBOUND_LIMIT,
     max_connections: int = 1024,
+    allow_anonymous: bool = False,
 ) -> WireServer:
-    """Listen on host:port (0: any free port, see `.port`); serve each peer with `handler`."""
+    """Listen on host:port (0: any free port, see `.port`); serve each peer with `handler`.
+
+    `allow_anonymous` admits peers without a certificate (their `peer` is "" and their
+    `peer_serial` None) for a handler that only lets them enrol; the context must then
+    use CERT_OPTIONAL."""
     from appliance.wire.server import WireServer  # it builds on this module
 
     listener = socket.create_server((host, port), backlog=128)
@@ -421,4 +427,5 @@ async def start_server(
         handshake_timeout=handshake_timeout,
         inbound_limit=inbound_limit,
         max_connections=max_connections,
+        allow_anonymous=allow_anonymous,
     )

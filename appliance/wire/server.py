@@ -38,7 +38,7 @@ from appliance.wire.errors import (
     ShuttingDown,
     WireError,
 )
-from appliance.wire.tls import peer_identity
+from appliance.wire.tls import peer_identity, serial_hex
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,12 @@ class WireServer:
         handshake_timeout: float,
         inbound_limit: int,
         max_connections: int,
+        allow_anonymous: bool = False,
     ) -> None:
         self.counters = counters
+        #: Certificate serials (lower-case hex) refused at the handshake; see `revoke`.
+        self.revoked: set[str] = set()
+        self._allow_anonymous = allow_anonymous
         self.connections: set[Connection] = set()
         self._listener = listener
         self._handler = handler
@@ -75,8 +79,20 @@ class WireServer:
     def close(self) -> None:
         """Stop listening and end every connection (their peers get SHUTTING_DOWN)."""
         self._accepting.cancel()
+        # The accept task may not have started yet (then its finally never runs).
+        self._listener.close()
         for task in self._tasks:
             task.cancel()
+
+    def revoke(self, serials: set[str]) -> int:
+        """Refuse these certificate serials from now on and cut the peers using them;
+        returns how many connections were cut."""
+        self.revoked = {serial_hex(s) for s in serials}
+        cut = [c for c in self.connections if c.peer_serial in self.revoked]
+        for conn in cut:
+            log.warning("cutting %s: its certificate %s was revoked", conn.peer, conn.peer_serial)
+            conn.abort()
+        return len(cut)
 
     async def wait_closed(self) -> None:
         await asyncio.gather(self._accepting, return_exceptions=True)
@@ -128,7 +144,14 @@ class WireServer:
                     ssl=self._ssl,
                     ssl_handshake_timeout=self._handshake_timeout,
                 )
-            conn.peer = peer_identity(transport)
+            peercert = transport.get_extra_info("peercert")
+            if peercert or not self._allow_anonymous:
+                conn.peer = peer_identity(transport)
+                conn.peer_serial = serial_hex(peercert.get("serialNumber", "0"))
+                if conn.peer_serial in self.revoked:
+                    raise BadCertificate(
+                        f"certificate {conn.peer_serial} of {conn.peer} is revoked"
+                    )
         except (OSError, TimeoutError, BadCertificate) as exc:
             self.counters.count(ErrorCode.BAD_CERTIFICATE)
             log.info("TLS handshake with %s refused: %s", where, exc)

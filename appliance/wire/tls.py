@@ -67,3 +67,9 @@ def peer_identity(source: _HasExtraInfo | _HasPeerCert) -> str:
     if hasattr(source, "getpeercert"):
         return common_name(source.getpeercert())
     raise TypeError(f"cannot read a peer certificate from {type(source).__name__}")
+
+
+def serial_hex(serial: str | int) -> str:
+    """A certificate serial in one spelling (lower-case hex, no leading zeros), whether
+    it came from `getpeercert()` (upper-case hex) or from `cryptography` (an int)."""
+    return format(serial if isinstance(serial, int) else int(serial, 16), "x")

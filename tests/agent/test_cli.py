@@ -77,7 +77,7 @@ def test_defaults_and_derived_values(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        ("[agent]\ndisks = []\n", "agent.process_server is not set (hint: set it"),
+        ("[agent]\ndisks = []\n", "process_server is not set and this agent has not enrolled"),
         ('[agent]\nprocess_server = "ps1"\n', "must be HOST:PORT"),
         ('[agent]\nprocess_server = "ps1:1"\ntracker = "inotify"\n',
          "agent.tracker = 'inotify' must be one of auto, tracefs, scan"),

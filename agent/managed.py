@@ -1,0 +1,159 @@
+"""`secondsite-agent run` on an enrolled host: the configuration server decides.
+
+The agent reports its disks and progress to the configuration server it enrolled
+with; each answer says whether to protect, through which process server, and which
+resync generation is wanted. A `Session` (sender + replicator) exists only while
+protection is on; moving to another process server stops one and starts the next,
+and the replication state on disk carries the progress across (nothing is re-copied).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.discovery import Disk
+from agent.remote import stream_digests
+from agent.replicator import AckRelay, Replicator
+from agent.state import load as load_state
+from agent.trackers.base import Tracker
+from appliance.settings import host_port, parse_host_port
+from appliance.wire.sender import StreamSender
+
+log = logging.getLogger("secondsite.agent")
+
+TrackerFactory = Callable[[Disk], Tracker]
+
+
+@dataclass
+class Session:
+    address: str
+    sender: StreamSender
+    replicator: Replicator
+
+
+class Controller:
+    def __init__(
+        self,
+        config: AgentConfig,
+        disks: list[Disk],
+        factory: TrackerFactory,
+        ssl_context: ssl.SSLContext,
+        tls_names: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.disks = disks
+        self.session: Session | None = None
+        self.failed: BaseException | None = None
+        self._factory = factory
+        self._ssl = ssl_context
+        self._lock = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
+
+    def disk_id(self, disk: Disk) -> str:
+        return f"{self.config.machine_id}-{disk.name}"
+
+    # -- the report ------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        rep = self.session.replicator if self.session else None
+        progress = rep.progress if rep else {}
+        disks = []
+        for disk in self.disks:
+            disk_id = self.disk_id(disk)
+            p = progress.get(disk_id)
+            if p is not None:
+                percent, done = p.percent, p.done
+            else:  # not replicating now: what the saved state says
+                state = load_state(self.config.state_dir, disk_id, disk.size)
+                percent, done = state.initial_percent, state.initial_done
+            disks.append(
+                {
+                    "disk_id": disk_id,
+                    "path": str(disk.path),
+                    "size_bytes": disk.size,
+                    "sector_size": disk.logical_sector_size,
+                    "initial_percent": round(percent, 2),
+                    "initial_done": done,
+                }
+            )
+        return {
+            "disks": disks,
+            "replicating": rep is not None and rep.phase not in ("failed", "stopped"),
+            "resync_done": rep.resync_done if rep else 0,
+            "facts": {"hostname": socket.gethostname(), "phase": rep.phase if rep else "idle"},
+        }
+
+    # -- the answer ----------------------------------------------------------------
+
+    async def apply(self, answer: dict[str, Any]) -> None:
+        async with self._lock:
+            address = answer.get("process_server")
+            protect = bool(answer.get("protect")) and isinstance(address, str)
+            if protect and host_port(str(address)) is not None:
+                log.warning("ignoring a malformed process server address %r", address)
+                protect = False
+            if self.session is not None and (not protect or self.session.address != address):
+                await self._stop()
+            if protect and self.session is None:
+                await self._start(str(address))
+            generation = answer.get("resync_generation")
+            if self.session is not None and isinstance(generation, int) and generation > 0:
+                self.session.replicator.request_resync(generation)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._stop()
+
+    async def _start(self, address: str) -> None:
+        host, port = parse_host_port(address)
+        acks = AckRelay()
+        sender = StreamSender(
+            host,
+            port,
+            self._ssl,
+            name=self.config.machine_id,
+            role="agent",
+            server_hostname=self.config.tls_name or host,
+            on_ack=acks,
+        )
+        rep = Replicator(
+            self.disks,
+            sender,
+            self._factory,
+            self.config.state_dir,
+            machine_id=self.config.machine_id,
+            acks=acks,
+            tag_interval=self.config.tag_interval,
+            freeze_timeout=self.config.freeze_timeout,
+            remote_digests=stream_digests(sender, asyncio.get_running_loop()),
+        )
+        await sender.start()
+        await rep.start()
+        self.session = Session(address, sender, rep)
+        self._watch = asyncio.create_task(self._watch_session(rep))
+        log.info("protecting %s via %s", ", ".join(str(d.path) for d in self.disks), address)
+
+    async def _watch_session(self, rep: Replicator) -> None:
+        try:
+            await rep.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported, the daemon decides
+            self.failed = exc
+
+    async def _stop(self) -> None:
+        session, self.session = self.session, None
+        if session is None:
+            return
+        if self._watch is not None:
+            self._watch.cancel()
+        log.info("stopping replication via %s", session.address)
+        await session.replicator.stop()
+        await session.sender.close()

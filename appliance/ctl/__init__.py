@@ -1,0 +1,1 @@
+"""secondsitectl: the administrator's command line over D-Bus."""

@@ -1,0 +1,1 @@
+"""secondsitectl: renderers and every subcommand against a stand-in client."""
