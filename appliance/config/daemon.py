@@ -25,6 +25,7 @@ from appliance.config.passphrase import PassphraseStore
 from appliance.config.server import MAX_BODY, ConfigEndpoint
 from appliance.config.service import ConfigService, ServiceSettings
 from appliance.config.targets import TargetClient
+from appliance.config.vcenters import SECRETS_FILE, VCenterStore
 from appliance.daemon.cli import ConfigError, Unavailable, run_main
 from appliance.daemon.logs import setup_logging
 from appliance.daemon.runner import (
@@ -146,6 +147,7 @@ async def serve(config: ConfigdConfig, notifier: Notifier | None = None) -> None
             auto_protect=config.auto_protect,
         ),
         target_call=targets.call,
+        vcenters=VCenterStore(inventory, config.state_dir / SECRETS_FILE),
     )
 
     def register(request: EnrolRequest, issued: Issued) -> dict[str, Any]:

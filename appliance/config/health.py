@@ -45,6 +45,13 @@ def machine_state(
     now: float,
     settings: HealthSettings,
 ) -> MachineState:
+    # A failover's own state outranks replication health: the monitor must not turn a
+    # failed-over machine back into "paused" (protection is off on purpose).
+    failover_state = ((machine.get("failover") or {}).get("failover") or {}).get("state")
+    if failover_state == "failed-over":
+        return MachineState.FAILED_OVER
+    if failover_state == "committed":
+        return MachineState.FAILOVER_COMMITTED
     if not machine["protection_enabled"]:
         return (
             MachineState.PAUSED

@@ -12,6 +12,7 @@ a crash re-runs at most the step that was running: every step must be idempotent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -66,7 +67,7 @@ class JobEngine:
         definitions: Definitions,
         emit: Callable[[Signal], None],
         clock: Callable[[], float],
-        poll: float = 0.5,
+        poll: float = 2.0,
     ) -> None:
         self._inventory = inventory
         self._definitions = definitions
@@ -74,7 +75,7 @@ class JobEngine:
         self._clock = clock
         self._poll = poll
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._wake = asyncio.Event()
+        self._wakes: dict[str, tuple[str, asyncio.Event]] = {}  # job id -> (subject, event)
 
     def submit(self, kind: JobKind, subject: str, params: dict[str, Any] | None = None) -> str:
         """Store a new job and start it; Conflict if the subject already has one running."""
@@ -103,9 +104,13 @@ class JobEngine:
             self._start(job["id"])
         return len(jobs)
 
-    def poke(self) -> None:
-        """Something changed (a report arrived): waiting steps look again now."""
-        self._wake.set()
+    def poke(self, subject: str | None = None) -> None:
+        """Something about `subject` changed (None: anything): its waiting steps look
+        again now instead of at their next poll. Only that subject's jobs wake, so a
+        thousand machines reporting do not make a thousand jobs look each time."""
+        for job_subject, event in self._wakes.values():
+            if subject is None or job_subject == subject:
+                event.set()
 
     @property
     def running(self) -> int:
@@ -159,18 +164,21 @@ class JobEngine:
     async def _run_step(self, ctx: JobContext, step: Step, index: int, steps: list[Step]) -> None:
         started = self._clock()
         last = ctx.step_percent
-        while not await step.run(ctx):
-            if step.timeout is not None and self._clock() - started > step.timeout:
-                raise JobFailed(f"{step.name} did not finish within {step.timeout:.0f} s")
-            if ctx.step_percent != last:
-                last = ctx.step_percent
-                self._update(ctx, JobState.RUNNING, index, steps)
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(self._poll):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+        wake = asyncio.Event()
+        self._wakes[ctx.job_id] = (ctx.subject, wake)
+        try:
+            while not await step.run(ctx):
+                if step.timeout is not None and self._clock() - started > step.timeout:
+                    raise JobFailed(f"{step.name} did not finish within {step.timeout:.0f} s")
+                if ctx.step_percent != last:
+                    last = ctx.step_percent
+                    self._update(ctx, JobState.RUNNING, index, steps)
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._poll):
+                        await wake.wait()
+        finally:
+            self._wakes.pop(ctx.job_id, None)
 
     def _percent(self, ctx: JobContext, index: int, steps: list[Step]) -> float:
         if not steps:

@@ -23,6 +23,7 @@ import sqlite3
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from appliance.config import replica
 from appliance.config.api import Record
 from appliance.config.errors import ConfigServerError, InvalidArgument
 from appliance.config.model import JobState
@@ -182,7 +183,14 @@ CREATE TABLE csr_seen (
 ) STRICT;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1,)
+# Failover: where a machine's VM goes (replica settings, checked by `replica.check`)
+# and how far its failover has got (written by the failover jobs only).
+_V2 = """
+ALTER TABLE machines ADD COLUMN replica TEXT;
+ALTER TABLE machines ADD COLUMN failover TEXT;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 
 
 class SchemaTooNew(ConfigServerError):
@@ -244,7 +252,7 @@ SITE_KINDS = ("primary", "secondary")
 POINT_KINDS = ("crash", "app")
 MAX_NAME = 255
 
-JSON_COLUMNS = frozenset({"stats", "agent", "spec", "params", "result"})
+JSON_COLUMNS = frozenset({"stats", "agent", "spec", "params", "result", "replica", "failover"})
 BOOL_COLUMNS = frozenset({"protection_enabled", "replicating", "initial_done", "resync_required"})
 # SHA-1 (20 bytes, what vSphere shows) or SHA-256 (32), with or without colons.
 _THUMBPRINT = re.compile(r"[0-9A-Fa-f]{2}(?:(?::?[0-9A-Fa-f]{2}){19}|(?::?[0-9A-Fa-f]{2}){31})")
@@ -393,6 +401,8 @@ MACHINE_FIELDS: dict[str, Check] = {
     "newest_point_kind": opt(lambda what, v: choice(what, v, POINT_KINDS)),
     "newest_app_point_time": opt_number,
     "agent": opt_json,
+    "replica": opt(lambda what, v: json_text(what, replica.check(what, v))),
+    "failover": opt_json,
 }
 DISK_FIELDS: dict[str, Check] = {
     "initial_percent": percent,
@@ -413,6 +423,7 @@ JOB_FIELDS: dict[str, Check] = {
     "step": text,
     "step_index": count,
     "percent": percent,
+    "params": opt_json,  # a step may pin a value it chose (a resync generation)
     "result": opt_json,
     "error": opt_text,
     "updated_at": number,

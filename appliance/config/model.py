@@ -28,12 +28,19 @@ class MachineState(StrEnum):
     RESYNC_REQUIRED = "resync-required"
     PAUSED = "paused"  # protection disabled by the operator, or failed over
     DISCONNECTED = "disconnected"  # the agent has not reported for too long
+    FAILED_OVER = "failed-over"  # running as a VM at the secondary site, not committed
+    FAILOVER_COMMITTED = "failover-committed"  # the failover is final; failback next
 
 
 class JobKind(StrEnum):
     PROTECT = "protect"
     UNPROTECT = "unprotect"
     RESYNC = "resync"
+    TEST_FAILOVER = "test-failover"
+    CLEANUP = "cleanup"  # of a test failover
+    FAILOVER = "failover"
+    COMMIT = "commit"
+    CANCEL = "cancel"  # a failover not yet committed
 
 
 class JobState(StrEnum):

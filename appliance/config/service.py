@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance import __version__
-from appliance.config import health, protection
+from appliance.config import failover, health, protection
 from appliance.config.api import (
     AlertChanged,
     MachineStateChanged,
@@ -46,6 +46,7 @@ from appliance.config.reports import (
     parse_process_disks,
     parse_target_points,
 )
+from appliance.config.vcenters import VCenterStore
 
 log = logging.getLogger(__name__)
 MAX_NAME = 253
@@ -61,6 +62,7 @@ class ServiceSettings:
     monitor_interval: float = 2.0
     report_interval: float = 10.0  # told to components in every answer
     auto_protect: bool = True  # an agent that enrols gets an enable-protection job
+    job_poll: float = 2.0  # waiting job steps look again this often (reports wake them sooner)
 
 
 def _name(value: str, what: str = "name") -> str:
@@ -78,6 +80,7 @@ class ConfigService:
         *,
         clock: Callable[[], float] = time.time,
         target_call: TargetCall | None = None,
+        vcenters: VCenterStore | None = None,
     ) -> None:
         self.inventory = inventory
         self.passphrases = passphrases
@@ -86,11 +89,15 @@ class ConfigService:
         self._target_call = target_call
         self._listeners: list[Callable[[Signal], None]] = []
         self._buffer = ReportBuffer()
+        self._newest: dict[str, float] = {}  # newest point time per machine, as last reported
         #: Called with every serial revoked, so the listener refuses them at once.
         self.on_revoke: Callable[[set[str]], object] | None = None
-        self.engine = JobEngine(
-            inventory, protection.definitions(self), self._emit, clock, poll=0.5
-        )
+        self.vcenters = vcenters
+        definitions = protection.definitions(self)
+        if target_call is not None and vcenters is not None:
+            ops = failover.ServiceOps(target_call, vcenters, self.agent_alive)
+            definitions |= failover.definitions(ops)
+        self.engine = JobEngine(inventory, definitions, self._emit, clock, poll=settings.job_poll)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -198,7 +205,7 @@ class ConfigService:
             machine["resync_done"]
         ):
             self.flush()  # a job waits for exactly this
-            self.engine.poke()
+            self.engine.poke(name)
         return self._agent_answer(machine)
 
     def _agent_answer(self, machine: Record) -> Record:
@@ -238,7 +245,11 @@ class ConfigService:
     def _target_report(self, name: str, params: dict[str, Any], now: float) -> Record:
         self._known_server(name, ServerRole.TARGET)
         points = parse_target_points(params)
+        newer = []
         for machine, p in points.items():
+            if self._newest.get(machine) != p.time:
+                self._newest[machine] = p.time
+                newer.append(machine)
             self._buffer.machine(
                 machine,
                 newest_point_time=p.time,
@@ -248,7 +259,10 @@ class ConfigService:
             )
         stats: Record = {k: params[k] for k in ("connections", "disks") if k in params}
         self._server_seen(name, params, stats, now)
-        self.engine.poke()
+        if newer:
+            self.flush()  # a protect job may wait for this first point
+            for machine in newer:
+                self.engine.poke(machine)
         return self._server_answer()
 
     def _known_server(self, name: str, role: ServerRole) -> None:
@@ -485,6 +499,36 @@ class ConfigService:
         if not m["protection_enabled"]:
             raise InvalidArgument(f"{machine} is not protected; protect it first")
         return self.engine.submit(JobKind.RESYNC, machine, {})
+
+    # -- failover family (appliance.config.failover, drill) ---------------------------
+
+    def _failover_job(self, kind: JobKind, machine: str, params: Record) -> str:
+        self.inventory.machine(_name(machine, "machine"))
+        if self.vcenters is None or self._target_call is None:
+            raise ConfigServerError("failover is not configured on this server")
+        return self.engine.submit(kind, machine, params)
+
+    async def test_failover(self, machine: str, point: str, network_map: Record | None) -> str:
+        params: Record = {"point": point or "latest"}
+        if network_map:
+            params["network_map"] = network_map
+        return self._failover_job(JobKind.TEST_FAILOVER, machine, params)
+
+    async def cleanup(self, machine: str) -> str:
+        return self._failover_job(JobKind.CLEANUP, machine, {})
+
+    async def failover(self, machine: str, point: str, mode: str) -> str:
+        if mode not in ("planned", "unplanned"):
+            raise InvalidArgument("mode must be planned or unplanned")
+        return self._failover_job(
+            JobKind.FAILOVER, machine, {"point": point or "latest", "mode": mode}
+        )
+
+    async def commit(self, machine: str) -> str:
+        return self._failover_job(JobKind.COMMIT, machine, {})
+
+    async def cancel(self, machine: str) -> str:
+        return self._failover_job(JobKind.CANCEL, machine, {})
 
     async def passphrase(self, rotate: bool) -> Record:
         now = self._clock()

@@ -542,6 +542,11 @@ class TargetService:
                 str(params["name"]),
             )
             return {"vmdks": [str(p) for p in paths]}
+        if method == "discard":
+            removed = self.store.discard(
+                str(params["machine_id"]), self.datastore, str(params["name"])
+            )
+            return {"discarded": [p.name for p in removed]}
         if method == "rollback":
             machine = str(params["machine_id"])
             busy = [

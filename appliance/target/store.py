@@ -14,6 +14,7 @@ whose recovery fails (its journal is damaged after the checkpoint) is kept aside
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.storage.atomic import fsync_dir
 from appliance.target import vmdk
 from appliance.target.catalogue import Catalogue, DiskRow, PointRow
 from appliance.target.errors import (
@@ -288,6 +290,24 @@ class ReplicaStore:
                 flat.unlink(missing_ok=True)
             raise
         return made
+
+    def discard(self, machine_id: str, out_dir: Path, suffix: str) -> list[Path]:
+        """Remove the copies `materialize(machine_id, _, out_dir, suffix)` made (a test
+        failover's cleanup); nothing if they are gone. Never the replica itself: the
+        suffix must be non-empty, and only `<disk_id><suffix>` pairs are touched."""
+        if not suffix:
+            raise ValueError("discard needs the copy's suffix (the replica is never discarded)")
+        removed = []
+        for r in self._machine_disks(machine_id):
+            name = r.disk_id + suffix
+            vmdk.validate_name(name)
+            for path in (out_dir / f"{name}.vmdk", out_dir / f"{name}-flat.vmdk"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+        if removed:
+            fsync_dir(out_dir)
+        return removed
 
     def rollback_disk(self, disk_id: str, tag_id: str) -> None:
         """Roll the replica of ``disk_id`` itself back to ``tag_id`` (apply stopped)."""

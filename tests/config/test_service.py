@@ -215,3 +215,41 @@ def test_api_refusals(env: Any) -> None:
         assert record["passphrase"] != rotated["passphrase"]
 
     asyncio.run(scenario())
+
+
+def test_resync_job_asks_the_agent_and_waits_for_its_answer(env: Any) -> None:
+    service, inv, clock, _ = env
+
+    async def scenario() -> None:
+        service.register("t1", ComponentKind.TARGET, {"address": "h:1"})
+        service.register("p1", ComponentKind.PROCESS, {"address": "h:2"})
+        service.register("web1", ComponentKind.AGENT, {"disks": DISKS})
+        await asyncio.sleep(0.05)
+        report = agent_report(100, True)
+        service.report("web1", ComponentKind.AGENT, report)
+        clock.now += 5
+        service.report("t1", ComponentKind.TARGET,
+                       {"machines": {"web1": {"tag_id": "t", "time": clock.now, "kind": "crash"}}})  # fmt: skip
+        (protect,) = await service.jobs(False)
+        await settle(service, protect["id"], "succeeded")
+        job_id = await service.resync("web1")
+        async with asyncio.timeout(5):
+            while service.report("web1", ComponentKind.AGENT, report)["resync_generation"] < 1:
+                await asyncio.sleep(0.02)
+        assert inv.job(job_id)["state"] == "running"
+        service.report("web1", ComponentKind.AGENT, report | {"resync_done": 1})
+        await settle(service, job_id, "succeeded")
+        # a second resync asks for the next generation, not the same one again
+        second = await service.resync("web1")
+        async with asyncio.timeout(5):
+            while (
+                service.report("web1", ComponentKind.AGENT, report | {"resync_done": 1})[
+                    "resync_generation"
+                ]
+                < 2
+            ):
+                await asyncio.sleep(0.02)
+        assert inv.job(second)["params"]["generation"] == 2
+        await service.engine.close()
+
+    asyncio.run(scenario())

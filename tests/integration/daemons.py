@@ -32,22 +32,29 @@ class RoleDaemon:
     starts: int = 0
     host: str = "127.0.0.1"  # the listen address written into the config
     prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NAME]
+    static_tls: bool = True  # False: the daemon uses what it enrolled (STATE/tls/)
 
     def __post_init__(self) -> None:
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}.log"
         self.config = self.state_dir.parent / f"{self.state_dir.name}.toml"
         # The leading sections' keys come first: extra_config may open other sections.
+        tls = (
+            f"""
+[tls]
+cert = "{self.tls.server.cert}"
+key = "{self.tls.server.key}"
+ca = "{self.tls.ca.cert}"
+"""
+            if self.static_tls
+            else ""
+        )
         self.config.write_text(
             f"""
 [server]
 name = "{self.state_dir.name}"
 listen = "{self.host}:{self.port}"
 state_dir = "{self.state_dir}"
-
-[tls]
-cert = "{self.tls.server.cert}"
-key = "{self.tls.server.key}"
-ca = "{self.tls.ca.cert}"
+{tls}
 {self.extra_config}
 """
         )
@@ -56,7 +63,14 @@ ca = "{self.tls.ca.cert}"
     def datastore(self) -> Path:
         return self.state_dir / "datastore"
 
-    def start(self, timeout: float = 30) -> None:
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the daemon's command with its config and `args` to completion (--enroll)."""
+        return subprocess.run(
+            [*self.prefix, sys.executable, "-m", self.module, "--config", str(self.config), *args],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def start(self, timeout: float = 30, extra_args: tuple[str, ...] = ()) -> None:
         """Start the daemon and wait for READY=1 on our own NOTIFY_SOCKET."""
         assert self.process is None or self.process.poll() is not None
         notify_path = self.state_dir.parent / f"notify-{self.state_dir.name}"
@@ -67,7 +81,15 @@ ca = "{self.tls.ca.cert}"
         env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1")
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", self.module, "--config", str(self.config)],
+                [
+                    *self.prefix,
+                    sys.executable,
+                    "-m",
+                    self.module,
+                    "--config",
+                    str(self.config),
+                    *extra_args,
+                ],
                 env=env,
                 stdout=log,
                 stderr=log,
@@ -79,7 +101,7 @@ ca = "{self.tls.ca.cert}"
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise RuntimeError(
-                        f"targetd exited with {self.process.returncode}:\n"
+                        f"{self.module} exited with {self.process.returncode}:\n"
                         + self.log_path.read_text()[-3000:]
                     )
                 try:

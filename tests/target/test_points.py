@@ -99,6 +99,20 @@ def test_machine_materialize_makes_one_vmdk_per_disk(store: ReplicaStore, tmp_pa
         store.materialize("vm1", "nope", out, "-x")
     with pytest.raises(UnknownPoint):
         store.materialize("no-such-vm", "boot", out, "-x")
+    # the cleanup of a test failover: only the copies go, the replicas stay
+    replicas = {d: store.disk(d).flat.read_bytes() for d in "ab"}
+    (out / "a-other.vmdk").write_text("someone else's")
+    removed = store.discard("vm1", out, "-tfo")
+    assert sorted(p.name for p in removed) == [
+        "a-tfo-flat.vmdk", "a-tfo.vmdk", "b-tfo-flat.vmdk", "b-tfo.vmdk",
+    ]  # fmt: skip
+    assert [p.name for p in out.iterdir()] == ["a-other.vmdk"]
+    assert store.discard("vm1", out, "-tfo") == []  # again: nothing, no error
+    with pytest.raises(ValueError, match="never discarded"):
+        store.discard("vm1", out, "")
+    with pytest.raises(InvalidName):
+        store.discard("vm1", out, "/../x")
+    assert {d: store.disk(d).flat.read_bytes() for d in "ab"} == replicas
 
 
 def test_partial_machine_materialize_is_removed(store: ReplicaStore, tmp_path: Path) -> None:

@@ -1,0 +1,238 @@
+"""What the failover jobs share: their state records, the two peers, the replica VM.
+
+See `failover` for the records kept between steps. Everything here is for the step
+functions of `failover` and `drill`; a helper that fails raises `JobFailed` with a
+message for the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+from typing import Any, Protocol, TypeVar
+
+from pyVmomi import vim
+
+from appliance.config.errors import ConfigServerError, InvalidArgument
+from appliance.config.jobs import JobContext, JobFailed, StepFn
+from appliance.config.replica import ReplicaSettings, pick_point
+from appliance.vsphere import network, vms
+from appliance.vsphere.errors import NotFound, NotOurs, VSphereError
+from appliance.vsphere.hardware import Firmware
+from appliance.vsphere.session import Session
+
+T = TypeVar("T")
+
+
+class FailoverState(StrEnum):
+    """The ``state`` of a machine's failover record (its ``failover`` column)."""
+
+    FAILING_OVER = "failing-over"  # replication may be stopped, the VM may exist
+    FAILED_OVER = "failed-over"  # the VM runs on the rolled-back replica
+    COMMITTED = "committed"
+
+
+class FailoverOps(Protocol):
+    """What the failover jobs need from the configuration server."""
+
+    async def target_call(self, address: str, method: str, params: dict[str, Any]) -> Any: ...
+
+    def vsphere(self, vcenter: str) -> Session:
+        """A logged-in session (blocking; the jobs call it in a worker thread)."""
+        ...
+
+    def agent_alive(self, machine: str) -> bool: ...
+
+
+# -- state helpers -------------------------------------------------------------------
+
+
+def job_result(ctx: JobContext) -> dict[str, Any]:
+    return dict(ctx.inventory.job(ctx.job_id)["result"] or {})
+
+
+def record_result(ctx: JobContext, **values: Any) -> dict[str, Any]:
+    """Merge `values` into the job's result (None removes a key); durable on return."""
+    result = job_result(ctx)
+    for key, value in values.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = value
+    ctx.inventory.update_job(ctx.job_id, result=result)
+    return result
+
+
+def failover_record(ctx: JobContext) -> dict[str, Any]:
+    return dict(ctx.inventory.machine(ctx.subject).get("failover") or {})
+
+
+def set_failover(ctx: JobContext, key: str, value: dict[str, Any] | None) -> None:
+    record = failover_record(ctx)
+    if value is None:
+        record.pop(key, None)
+    else:
+        record[key] = value
+    ctx.inventory.update_machine(ctx.subject, failover=record or None)
+
+
+def replica_settings(ctx: JobContext) -> ReplicaSettings:
+    raw = ctx.inventory.machine(ctx.subject).get("replica")
+    if not raw:
+        raise JobFailed(
+            f"{ctx.subject} has no replica settings (vCenter, datastore, folder, network "
+            "map); set them first"
+        )
+    try:
+        return ReplicaSettings.parse(raw)
+    except InvalidArgument as exc:
+        raise JobFailed(exc.message) from None
+
+
+def undoing(step: StepFn, undo: Callable[[JobContext], Awaitable[bool]]) -> StepFn:
+    """`step`, removing what the job created when it fails, before reporting the error."""
+
+    async def run(ctx: JobContext) -> bool:
+        try:
+            return await step(ctx)
+        except JobFailed as exc:
+            try:
+                await undo(ctx)
+            except JobFailed as again:
+                raise JobFailed(
+                    f"{exc}; removing what it created failed too ({again}); "
+                    f"run a cleanup of {ctx.subject}"
+                ) from None
+            raise
+
+    return run
+
+
+# -- the two peers ------------------------------------------------------------------
+
+
+async def target(ctx: JobContext, ops: FailoverOps, method: str, **params: Any) -> Any:
+    """A control RPC of the machine's master target; ConfigServerError as the target said."""
+    machine = ctx.inventory.machine(ctx.subject)
+    if not machine["master_target"]:
+        raise JobFailed(f"{ctx.subject} has no master target; protect it first")
+    address = ctx.inventory.server(machine["master_target"])["address"]
+    return await ops.target_call(address, method, params)
+
+
+async def target_or_fail(ctx: JobContext, ops: FailoverOps, method: str, **params: Any) -> Any:
+    try:
+        return await target(ctx, ops, method, **params)
+    except ConfigServerError as exc:
+        raise JobFailed(exc.message) from None
+
+
+async def in_vcenter(
+    ops: FailoverOps, settings: ReplicaSettings, action: str, work: Callable[[Session], T]
+) -> T:
+    """Run `work` in a fresh session in a worker thread; vSphere errors fail the job."""
+
+    def run() -> T:
+        with ops.vsphere(settings.vcenter) as session:
+            return work(session)
+
+    try:
+        return await asyncio.to_thread(run)
+    except VSphereError as exc:
+        raise JobFailed(f"vCenter {settings.vcenter}: {action}: {exc}") from None
+    except ConfigServerError as exc:  # unknown vCenter, missing or unreadable credentials
+        raise JobFailed(exc.message) from None
+
+
+async def pick(ctx: JobContext, ops: FailoverOps) -> dict[str, Any]:
+    points = await target_or_fail(ctx, ops, "points", machine_id=ctx.subject)
+    try:
+        p = pick_point(points, ctx.params.get("point", "latest"), ctx.subject)
+    except InvalidArgument as exc:
+        raise JobFailed(exc.message) from None
+    return {"tag": p["tag_id"], "time": p["time_ns"] / 1e9, "kind": p["kind"], "disks": p["disks"]}
+
+
+def preflight(
+    session: Session, settings: ReplicaSettings, name: str, owner: str, isolate: bool
+) -> None:
+    """Everything that can be checked before creating anything (raises VSphereError)."""
+    session.ref(vim.Folder, settings.folder)
+    if settings.resource_pool:
+        session.ref(vim.ResourcePool, settings.resource_pool)
+    if settings.host:
+        session.ref(vim.HostSystem, settings.host)
+    if isolate:
+        assert settings.compute is not None  # checked by the caller
+        network.target_hosts(session, settings.compute)
+    vms.find_vm(session, name, owner)  # NameTaken if somebody else's VM has the name
+
+
+async def drop_vm(ctx: JobContext, ops: FailoverOps, made: dict[str, Any]) -> bool:
+    name, owner = made.get("vm"), made.get("owner")
+    if not name or not owner:
+        return True
+
+    def drop(session: Session) -> None:
+        # Only somebody else's VM having the name means nothing of ours to remove.
+        with contextlib.suppress(NotOurs):
+            vms.destroy_vm(session, name, owner)
+
+    await in_vcenter(ops, replica_settings(ctx), f"remove VM {name}", drop)
+    return True
+
+
+# -- shared by test failover and failover ------------------------------------------
+
+
+async def create_vm(ctx: JobContext, ops: FailoverOps, *, test: bool) -> bool:
+    settings = replica_settings(ctx)
+    result = job_result(ctx)
+    overrides = ctx.params.get("network_map") or None
+    nics = []
+    for index, label in enumerate(settings.nics):
+        if test and overrides is None:
+            group: str | None = result["portgroup"]
+        else:
+            group = settings.port_group(index, label, overrides)
+        if group is None:
+            raise JobFailed(f"NIC {label} of {ctx.subject} has no port group in the network map")
+        nics.append(group)
+    try:
+        spec = vms.VmSpec(
+            name=result["vm"],
+            owner=result["owner"],
+            datastore=settings.datastore,
+            folder=settings.folder,
+            resource_pool=settings.resource_pool,
+            host=settings.host,
+            cpus=settings.cpus,
+            memory_mib=settings.memory_mib,
+            firmware=Firmware(settings.firmware.value),
+            guest_id=settings.guest_id,
+            disks=tuple(result["disks"]),
+            nics=tuple(nics),
+        )
+    except ValueError as exc:
+        raise JobFailed(f"cannot create the VM for {ctx.subject}: {exc}") from None
+    moid = await in_vcenter(
+        ops, settings, f"create VM {spec.name}", lambda s: str(vms.ensure_vm(s, spec)._moId)
+    )
+    record_result(ctx, vm_moid=moid)
+    return True
+
+
+async def power_on(ctx: JobContext, ops: FailoverOps) -> bool:
+    result = job_result(ctx)
+    name, owner = result["vm"], result["owner"]
+
+    def run(session: Session) -> None:
+        vm = vms.find_vm(session, name, owner)
+        if vm is None:
+            raise NotFound(f"VM {name} disappeared before it was powered on")
+        vms.power_on(vm)
+
+    await in_vcenter(ops, replica_settings(ctx), f"power on {name}", run)
+    return True

@@ -1,0 +1,238 @@
+"""The configuration server with everything real around it.
+
+A private system-like D-Bus with our policy, `secondsite-configd`, a master target and
+a process server that enrol with the passphrase `secondsitectl passphrase` shows, and
+an agent on a mounted loop ext4 disk that enrols and is protected without any static
+wiring. Then: RPO visible in `secondsitectl status --json`, an alert raised when the
+master target stops for longer than the RPO threshold and cleared when it returns,
+and a configuration server killed in the middle of an enable-protection job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TlsMaterial, free_port
+from tests.dbusbus import PrivateBus
+from tests.integration.daemons import RoleDaemon
+from tests.loopfs import loop_ext4
+
+pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY = REPO / "units" / "org.secondsite.Config1.conf"
+
+
+@dataclass
+class Site:
+    tmp: Path
+    bus: PrivateBus
+    configd: RoleDaemon
+    passphrase_file: Path
+    daemons: list[RoleDaemon]
+    agents: list[subprocess.Popen[bytes]]
+    tls: TlsMaterial  # unused by enrolled daemons; RoleDaemon wants one
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "appliance.ctl", "--bus", self.bus.address, *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert not check or done.returncode == 0, f"secondsitectl {args}: {done.stderr}"
+        return done
+
+    def ctl_json(self, *args: str) -> Any:
+        return json.loads(self.ctl(*args, "--json").stdout)
+
+    def role(self, name: str, module: str, extra: str = "") -> RoleDaemon:
+        daemon = RoleDaemon(self.tmp / name, free_port(), self.tls, extra, module,
+                            static_tls=False)  # fmt: skip
+        daemon.state_dir.mkdir(exist_ok=True)
+        self.daemons.append(daemon)
+        return daemon
+
+    def enrol(self, daemon: RoleDaemon) -> None:
+        done = daemon.run("--enroll", f"127.0.0.1:{self.configd.port}",
+                          "--passphrase-file", str(self.passphrase_file))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "enrolled" in done.stdout
+
+    def agent(self, device: Path, name: str = "web1") -> subprocess.Popen[bytes]:
+        state = self.tmp / f"agent-{name}"
+        config = self.tmp / f"agent-{name}.toml"
+        config.write_text(
+            f'[agent]\nmachine_id = "{name}"\nstate_dir = "{state}"\n'
+            f'disks = ["{device}"]\ntag_interval = 1.0\n'
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "agent", "enroll", "--config", str(config), "--server",
+             f"127.0.0.1:{self.configd.port}", "--passphrase-file", str(self.passphrase_file)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        log = (self.tmp / f"agent-{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.agents.append(proc)
+        return proc
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float = 90.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if result := check():
+                return result
+            time.sleep(0.5)
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.tmp.glob("*.log"))
+        )
+        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+CONFIGD_EXTRA = """
+[dbus]
+bus = "{bus}"
+[reports]
+interval = 1.0
+[health]
+agent_timeout = 15.0
+server_timeout = 15.0
+"""
+
+
+@pytest.fixture
+def site(
+    tmp_path: Path, private_bus_factory: Callable[..., PrivateBus], tls: TlsMaterial
+) -> Iterator[Site]:
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup")
+    bus = private_bus_factory((POLICY,))
+    s = Site(tmp_path, bus, None, tmp_path / "passphrase", [], [], tls)  # type: ignore[arg-type]
+    s.configd = s.role("configd", "appliance.config", CONFIGD_EXTRA.format(bus=bus.address))
+    s.configd.start()
+    s.passphrase_file.write_text(s.ctl("passphrase").stdout.strip() + "\n")
+    try:
+        yield s
+    finally:
+        for proc in s.agents:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for daemon in reversed(s.daemons):
+            if daemon.process is not None and daemon.process.poll() is None:
+                daemon.stop()
+
+
+def machine(site: Site, name: str) -> dict[str, Any] | None:
+    return next((m for m in site.ctl_json("machines") if m["name"] == name), None)
+
+
+def test_enrol_protect_rpo_and_alert_cycle(site: Site, tmp_path: Path) -> None:
+    target = site.role("target", "appliance.target",
+                       f'[storage]\ndatastore = "{tmp_path / "datastore"}"\n')  # fmt: skip
+    site.enrol(target)
+    target.start()
+    process = site.role("process", "appliance.process",
+                        f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
+    site.enrol(process)
+    process.start()
+    servers = site.wait("both servers reporting", lambda: [
+        s for s in site.ctl_json("servers") if s["connected"]] if len([
+        s for s in site.ctl_json("servers") if s["connected"]]) == 2 else None)  # fmt: skip
+    assert {s["role"] for s in servers} == {"process", "target"}
+
+    with loop_ext4(tmp_path, 64) as (device, mnt):
+        (mnt / "hello.txt").write_text("protected by secondsite\n" * 1000)
+        os.sync()
+        site.agent(device)
+        site.wait(
+            "web1 protected", lambda: (m := machine(site, "web1")) and m["state"] == "protected"
+        )
+        status = site.ctl_json("status")
+        assert status["machines"]["by_state"].get("protected") == 1
+        assert 0 <= status["worst_rpo_seconds"] < 30
+        (job,) = [j for j in site.ctl_json("jobs", "--all") if j["kind"] == "protect"]
+        assert job["state"] == "succeeded" and job["subject"] == "web1"
+        m = machine(site, "web1")
+        assert m is not None
+        assert (m["process_server"], m["master_target"]) == ("process", "target")
+        points = site.ctl_json("points", "web1")
+        assert points and all(p["usable"] for p in points)
+
+        # The master target goes away for longer than the threshold: an alert, then
+        # it comes back and the alert clears (below 80% of the threshold).
+        site.ctl("policy", "set", "default", "--rpo-threshold", "6s")
+        target.stop()
+
+        def rpo_alert() -> list[dict[str, Any]]:
+            return [a for a in site.ctl_json("alerts")
+                    if a["kind"] == "rpo-exceeded" and a["subject"] == "web1"]  # fmt: skip
+
+        site.wait("an RPO alert", rpo_alert, timeout=60)
+        assert machine(site, "web1")["state"] in ("rpo-exceeded", "disconnected")  # type: ignore[index]
+        target.start()
+        site.wait("the RPO alert cleared", lambda: not rpo_alert(), timeout=90)
+        cleared = [a for a in site.ctl_json("alerts", "--all") if a["kind"] == "rpo-exceeded"]
+        assert cleared and all(a.get("cleared_at") for a in cleared)
+        events = site.ctl_json("events", "-n", "200")
+        assert any(e["kind"] == "rpo-exceeded" for e in events)
+
+
+def test_configd_killed_mid_protect_job_finishes_it_once(site: Site, tmp_path: Path) -> None:
+    target = site.role("target", "appliance.target",
+                       f'[storage]\ndatastore = "{tmp_path / "datastore"}"\n')  # fmt: skip
+    site.enrol(target)
+    target.start()
+    process = site.role("process", "appliance.process",
+                        f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
+    site.enrol(process)
+    process.start()
+    with loop_ext4(tmp_path, 32) as (device, _):
+        # Enrolment starts the job; it waits for the agent, which is not running yet.
+        state = tmp_path / "agent-web2"
+        config = tmp_path / "agent-web2.toml"
+        config.write_text(f'[agent]\nmachine_id = "web2"\nstate_dir = "{state}"\n'
+                          f'disks = ["{device}"]\ntag_interval = 1.0\n')  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "agent", "enroll", "--config", str(config), "--server",
+             f"127.0.0.1:{site.configd.port}", "--passphrase-file", str(site.passphrase_file)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        (job,) = site.ctl_json("jobs")
+        site.wait("the job waiting for the agent",
+                  lambda: site.ctl_json("job", job["id"])["step"] == "agent")  # fmt: skip
+        site.configd.kill()
+        site.configd.start()
+        log = (tmp_path / "agent-web2.log").open("ab")
+        site.agents.append(subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        ))  # fmt: skip
+        def finished_job() -> dict[str, Any] | None:
+            record: dict[str, Any] = site.ctl_json("job", job["id"])
+            return record if record.get("finished_at") else None
+
+        finished = site.wait("the resumed job", finished_job)
+        assert finished["state"] == "succeeded", finished
+        jobs = site.ctl_json("jobs", "--all")
+        assert [j["id"] for j in jobs if j["kind"] == "protect"] == [job["id"]]
+        site.wait(
+            "web2 protected", lambda: (m := machine(site, "web2")) and m["state"] == "protected"
+        )
