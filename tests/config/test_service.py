@@ -228,8 +228,8 @@ def test_resync_job_asks_the_agent_and_waits_for_its_answer(env: Any) -> None:
         report = agent_report(100, True)
         service.report("web1", ComponentKind.AGENT, report)
         clock.now += 5
-        service.report("t1", ComponentKind.TARGET,
-                       {"machines": {"web1": {"tag_id": "t", "time": clock.now, "kind": "crash"}}})  # fmt: skip
+        point = {"tag_id": "t", "time": clock.now, "kind": "crash"}
+        service.report("t1", ComponentKind.TARGET, {"machines": {"web1": point}})
         (protect,) = await service.jobs(False)
         await settle(service, protect["id"], "succeeded")
         job_id = await service.resync("web1")

@@ -225,6 +225,7 @@ def test_configd_killed_mid_protect_job_finishes_it_once(site: Site, tmp_path: P
             [sys.executable, "-m", "agent", "run", "--config", str(config)],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
         ))  # fmt: skip
+
         def finished_job() -> dict[str, Any] | None:
             record: dict[str, Any] = site.ctl_json("job", job["id"])
             return record if record.get("finished_at") else None
