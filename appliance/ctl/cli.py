@@ -271,6 +271,7 @@ def _main(
     connect: ClientFactory,
     out: TextIO,
     sleep: Callable[[float], None],
+    now: Callable[[], float],
 ) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -285,6 +286,7 @@ def _main(
         width=_width(out, getattr(args, "full", False)),
         tty=out.isatty(),
         sleep=sleep,
+        now=now,
     )
     return int(args.func(ctx, args))
 
@@ -295,11 +297,12 @@ def main(
     connect: ClientFactory | None = None,
     out: TextIO | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    now: Callable[[], float] = time.time,
 ) -> int:
-    """The entry point; `connect` and `out` are for tests (a stand-in client)."""
+    """The entry point; `connect`, `out`, `sleep` and `now` are for tests."""
     stream = sys.stdout if out is None else out
     try:
-        return _main(argv, connect or dbus_client, stream, sleep)
+        return _main(argv, connect or dbus_client, stream, sleep, now)
     except OperatorError as exc:
         # Same one line as appliance.daemon.cli.run_main, with our own statuses.
         hint = f" (hint: {exc.hint})" if exc.hint else ""

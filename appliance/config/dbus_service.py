@@ -1,0 +1,467 @@
+"""org.secondsite.Config1 on the system bus: a thin translation to `ConfigApi`.
+
+The contract is `org.secondsite.Config1.xml` beside this file; a test compares the
+live introspection with it. Every method runs its core coroutine on the asyncio loop
+through `CallBridge`; signals are emitted on the GLib thread. Errors: a
+`ConfigServerError` leaf becomes `org.secondsite.Config1.Error.<dbus_name>`; anything
+else is a bug, logged once with its traceback and answered with the generic `Failed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from functools import partial
+from importlib import resources
+from typing import Any
+
+import dbus
+import dbus.bus
+import dbus.service
+
+from appliance.config.api import (
+    AlertChanged,
+    ConfigApi,
+    JobProgress,
+    MachineStateChanged,
+    Record,
+    Signal,
+    Summary,
+)
+from appliance.config.errors import ConfigServerError, InvalidArgument
+from appliance.dbus.bridge import (
+    BridgeClosed,
+    CallBridge,
+    ErrorReply,
+    Reply,
+    SignatureCheckedObject,
+    from_dbus,
+    to_dbus_record,
+    to_dbus_records,
+)
+from appliance.dbus.glib import GLibThread
+
+_log = logging.getLogger(__name__)
+
+BUS_NAME = "org.secondsite.Config1"
+OBJECT_PATH = "/org/secondsite/Config1"
+INTERFACE = "org.secondsite.Config1"
+ERROR_PREFIX = "org.secondsite.Config1.Error."
+CONTRACT = "org.secondsite.Config1.xml"
+MAX_NAME_CHARS = 4096
+GENERIC_FAILURE = "internal error; see the configuration server's journal"
+
+_PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+_INTROSPECTABLE_IFACE = "org.freedesktop.DBus.Introspectable"
+_ASYNC = {"async_callbacks": ("reply", "error")}
+
+
+def contract_xml() -> str:
+    """The interface contract shipped beside this module."""
+    return resources.files("appliance.config").joinpath(CONTRACT).read_text()
+
+
+class ServeError(Exception):
+    """The service could not be put on the bus (an operator/policy problem, not a bug)."""
+
+
+class _DBusError(dbus.DBusException):
+    """A named D-Bus error whose reply carries the message only, never a traceback."""
+
+    include_traceback = False
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message, name=name)
+
+
+def map_error(exc: BaseException) -> dbus.DBusException:
+    """The D-Bus error for an exception raised while serving a call (see module doc)."""
+    if isinstance(exc, dbus.DBusException):
+        return exc  # already named on purpose (e.g. a standard Properties error)
+    if isinstance(exc, ConfigServerError):
+        return _DBusError(ERROR_PREFIX + exc.dbus_name, exc.message)
+    if isinstance(exc, BridgeClosed):
+        return _DBusError(ERROR_PREFIX + "Failed", "the configuration server is shutting down")
+    _log.error("bug while serving a D-Bus call", exc_info=exc)
+    return _DBusError(ERROR_PREFIX + "Failed", GENERIC_FAILURE)
+
+
+def _name(value: str, what: str) -> str:
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidArgument(f"{what} is longer than {MAX_NAME_CHARS} characters")
+    return str(value)
+
+
+def _settings(settings: dict[Any, Any]) -> Record:
+    for key in settings:
+        _name(key, "a setting name")
+    record: Record = from_dbus(settings)
+    return record
+
+
+def _one(value: Any) -> tuple[Any, ...]:
+    return (value,)
+
+
+def _none(_value: None) -> tuple[Any, ...]:
+    return ()
+
+
+def _job(job: str) -> tuple[Any, ...]:
+    return (dbus.String(job),)
+
+
+def _record(record: Record) -> tuple[Any, ...]:
+    return (to_dbus_record(record),)
+
+
+def _records(records: list[Record]) -> tuple[Any, ...]:
+    return (to_dbus_records(records),)
+
+
+def _properties(summary: Summary) -> dict[str, Any]:
+    return {
+        "Version": dbus.String(summary.version),
+        "Machines": dbus.UInt32(summary.machines),
+        "ProtectedMachines": dbus.UInt32(summary.protected_machines),
+        "OpenAlerts": dbus.UInt32(summary.open_alerts),
+        "RunningJobs": dbus.UInt32(summary.running_jobs),
+        "WorstRpoSeconds": dbus.Double(summary.worst_rpo_seconds),
+    }
+
+
+class Config1(SignatureCheckedObject):
+    """The org.secondsite.Config1 object; methods delegate to a `ConfigApi`."""
+
+    def __init__(self, api: ConfigApi, bridge: CallBridge, glib: GLibThread) -> None:
+        super().__init__()
+        self._api = api
+        self._bridge = bridge
+        self._glib = glib
+
+    def _submit(
+        self, reply: Reply, error: ErrorReply, work: Callable[[], Any], out: Callable[[Any], Any]
+    ) -> None:
+        self._bridge.submit(reply, error, work, out)
+
+    # -- reads ---------------------------------------------------------------------
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="a{sv}", **_ASYNC)
+    def Status(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, self._api.status, _record)
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="aa{sv}", **_ASYNC)
+    def ListMachines(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, self._api.machines, _records)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="a{sv}", **_ASYNC)
+    def GetMachine(self, machine: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.machine(_name(machine, "machine"))  # noqa: E731
+        self._submit(reply, error, work, _record)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="aa{sv}", **_ASYNC)
+    def ListDisks(self, machine: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.disks(_name(machine, "machine"))  # noqa: E731
+        self._submit(reply, error, work, _records)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="aa{sv}", **_ASYNC)
+    def ListPoints(self, machine: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.points(_name(machine, "machine"))  # noqa: E731
+        self._submit(reply, error, work, _records)
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="aa{sv}", **_ASYNC)
+    def ListServers(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, self._api.servers, _records)
+
+    @dbus.service.method(INTERFACE, in_signature="b", out_signature="aa{sv}", **_ASYNC)
+    def ListJobs(self, include_finished: bool, reply: Reply, error: ErrorReply) -> None:
+        work = partial(self._api.jobs, bool(include_finished))
+        self._submit(reply, error, work, _records)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="a{sv}", **_ASYNC)
+    def GetJob(self, job: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.job(_name(job, "job"))  # noqa: E731
+        self._submit(reply, error, work, _record)
+
+    @dbus.service.method(INTERFACE, in_signature="b", out_signature="aa{sv}", **_ASYNC)
+    def ListAlerts(self, include_cleared: bool, reply: Reply, error: ErrorReply) -> None:
+        work = partial(self._api.alerts, bool(include_cleared))
+        self._submit(reply, error, work, _records)
+
+    @dbus.service.method(INTERFACE, in_signature="u", out_signature="aa{sv}", **_ASYNC)
+    def ListEvents(self, limit: int, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, partial(self._api.events, int(limit)), _records)
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="aa{sv}", **_ASYNC)
+    def ListPolicies(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, self._api.policies, _records)
+
+    # -- changes -------------------------------------------------------------------
+
+    @dbus.service.method(INTERFACE, in_signature="sa{sv}", out_signature="a{sv}", **_ASYNC)
+    def SetPolicy(
+        self, name: str, settings: dict[str, Any], reply: Reply, error: ErrorReply
+    ) -> None:
+        work = lambda: self._api.set_policy(_name(name, "policy"), _settings(settings))  # noqa: E731
+        self._submit(reply, error, work, _record)
+
+    @dbus.service.method(INTERFACE, in_signature="ss", out_signature="", **_ASYNC)
+    def AssignPolicy(self, machine: str, policy: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.assign_policy(  # noqa: E731
+            _name(machine, "machine"), _name(policy, "policy")
+        )
+        self._submit(reply, error, work, _none)
+
+    @dbus.service.method(INTERFACE, in_signature="ss", out_signature="s", **_ASYNC)
+    def Protect(self, machine: str, policy: str, reply: Reply, error: ErrorReply) -> None:
+        # "" keeps the machine's current policy (D-Bus has no null).
+        work = lambda: self._api.protect(  # noqa: E731
+            _name(machine, "machine"), _name(policy, "policy") or None
+        )
+        self._submit(reply, error, work, _job)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="s", **_ASYNC)
+    def Unprotect(self, machine: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.unprotect(_name(machine, "machine"))  # noqa: E731
+        self._submit(reply, error, work, _job)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="s", **_ASYNC)
+    def Resync(self, machine: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.resync(_name(machine, "machine"))  # noqa: E731
+        self._submit(reply, error, work, _job)
+
+    # -- root only (units/org.secondsite.Config1.conf) ------------------------------
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="a{sv}", **_ASYNC)
+    def GetPassphrase(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, partial(self._api.passphrase, False), _record)
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="a{sv}", **_ASYNC)
+    def RotatePassphrase(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, partial(self._api.passphrase, True), _record)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="", **_ASYNC)
+    def Revoke(self, name: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.revoke(_name(name, "name"))  # noqa: E731
+        self._submit(reply, error, work, _none)
+
+    # -- properties (read-only, from ConfigApi.summary on the loop) -----------------
+
+    async def _summary(self) -> dict[str, Any]:
+        return _properties(self._api.summary())
+
+    @dbus.service.method(_PROPERTIES_IFACE, in_signature="ss", out_signature="v", **_ASYNC)
+    def Get(self, interface_name: str, property_name: str, reply: Reply, error: ErrorReply) -> None:
+        def pick(props: dict[str, Any]) -> tuple[Any, ...]:
+            _check_interface(interface_name)
+            if property_name not in props:
+                raise _unknown_property(property_name)
+            return (props[property_name],)
+
+        self._submit(reply, error, self._summary, pick)
+
+    @dbus.service.method(_PROPERTIES_IFACE, in_signature="s", out_signature="a{sv}", **_ASYNC)
+    def GetAll(self, interface_name: str, reply: Reply, error: ErrorReply) -> None:
+        def every(props: dict[str, Any]) -> tuple[Any, ...]:
+            _check_interface(interface_name)
+            return (dbus.Dictionary(props, signature="sv"),)
+
+        self._submit(reply, error, self._summary, every)
+
+    @dbus.service.method(_PROPERTIES_IFACE, in_signature="ssv", out_signature="")
+    def Set(self, interface_name: str, property_name: str, value: Any) -> None:
+        _check_interface(interface_name)
+        if property_name not in _PROPERTY_NAMES:
+            raise _unknown_property(property_name)
+        raise _DBusError(
+            "org.freedesktop.DBus.Error.PropertyReadOnly", f"{property_name} is read-only"
+        )
+
+    # -- introspection --------------------------------------------------------------
+
+    @dbus.service.method(
+        _INTROSPECTABLE_IFACE,
+        in_signature="",
+        out_signature="s",
+        path_keyword="object_path",
+        connection_keyword="connection",
+    )
+    def Introspect(self, object_path: str, connection: Any) -> str:
+        # dbus-python's generated XML describes the methods and signals actually
+        # implemented; it knows nothing of properties, so they come from the contract.
+        generated = dbus.service.Object.Introspect(self, object_path, connection)
+        return _with_contract_properties(generated)
+
+    # -- signals (emitted on the GLib thread) -----------------------------------------
+
+    @dbus.service.signal(INTERFACE, signature="sssd")
+    def JobProgress(self, job: str, state: str, step: str, percent: float) -> None:
+        """A job moved on."""
+
+    @dbus.service.signal(INTERFACE, signature="sssbs")
+    def AlertChanged(self, alert: str, subject: str, kind: str, active: bool, message: str) -> None:
+        """An alert was raised or cleared."""
+
+    @dbus.service.signal(INTERFACE, signature="ss")
+    def MachineStateChanged(self, machine: str, state: str) -> None:
+        """A machine's replication state changed."""
+
+    def notify(self, signal: Signal) -> None:
+        """The `ConfigApi.subscribe` listener: called on the loop, emits on GLib."""
+        self._glib.call_soon(partial(self._emit, signal))
+
+    def _emit(self, signal: Signal) -> None:
+        if isinstance(signal, JobProgress):
+            self.JobProgress(
+                dbus.String(signal.job),
+                dbus.String(signal.state),
+                dbus.String(signal.step),
+                dbus.Double(signal.percent),
+            )
+        elif isinstance(signal, AlertChanged):
+            self.AlertChanged(
+                dbus.String(signal.alert),
+                dbus.String(signal.subject),
+                dbus.String(signal.kind),
+                dbus.Boolean(signal.active),
+                dbus.String(signal.message),
+            )
+        elif isinstance(signal, MachineStateChanged):
+            self.MachineStateChanged(dbus.String(signal.machine), dbus.String(signal.state))
+        else:
+            raise TypeError(f"unknown signal {signal!r}")
+
+
+_PROPERTY_NAMES = frozenset(
+    e.get("name") for e in ET.fromstring(contract_xml()).iter("property") if e.get("name")
+)
+
+
+def _check_interface(interface_name: str) -> None:
+    if interface_name not in ("", INTERFACE):
+        raise _DBusError(
+            "org.freedesktop.DBus.Error.UnknownInterface",
+            f"{interface_name!r} has no properties here",
+        )
+
+
+def _unknown_property(name: str) -> dbus.DBusException:
+    return _DBusError("org.freedesktop.DBus.Error.UnknownProperty", f"no property {name!r}")
+
+
+def _with_contract_properties(generated: str) -> str:
+    contract = ET.fromstring(contract_xml()).find(f"interface[@name='{INTERFACE}']")
+    assert contract is not None, "the contract XML lost its interface"
+    properties = [ET.tostring(p, encoding="unicode").strip() for p in contract.iter("property")]
+    marker = f'<interface name="{INTERFACE}">\n'
+    head, found, tail = generated.partition(marker)
+    if not found:
+        return generated
+    return head + marker + "".join(f"    {p}\n" for p in properties) + tail
+
+
+class Config1Server:
+    """The handle `serve_config1` returns: `close()` takes the service off the bus."""
+
+    def __init__(
+        self,
+        glib: GLibThread,
+        connection: Any,
+        obj: Config1,
+        bridge: CallBridge,
+        unsubscribe: Callable[[], None],
+    ) -> None:
+        self._glib = glib
+        self._connection = connection
+        self._obj = obj
+        self._bridge = bridge
+        self._unsubscribe = unsubscribe
+        self._closed = False
+
+    @property
+    def glib(self) -> GLibThread:
+        """The process's GLib thread: other dbus-python connections attached to a main
+        loop in this process are dispatched by it and must be used only from it."""
+        return self._glib
+
+    def close(self) -> None:
+        """Stop signals, fail calls in flight, leave the bus and stop the GLib thread.
+
+        Idempotent. Must not be called from the GLib thread.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._unsubscribe()
+        self._bridge.close()
+        try:
+            self._glib.call(partial(_leave_bus, self._connection, self._obj), timeout=10.0)
+        finally:
+            self._glib.stop()
+
+
+def _leave_bus(connection: Any, obj: Config1) -> None:
+    obj.remove_from_connection()
+    connection.flush()  # the errors of cancelled calls go out before we leave
+    connection.close()  # also gives up the name
+
+
+def _connect(bus_address: str | None, mainloop: Any) -> Any:
+    target = dbus.bus.BusConnection.TYPE_SYSTEM if bus_address is None else bus_address
+    return dbus.bus.BusConnection(target, mainloop=mainloop)
+
+
+def _own_name(connection: Any) -> None:
+    try:
+        answer = connection.request_name(BUS_NAME, dbus.bus.NAME_FLAG_DO_NOT_QUEUE)
+    except dbus.DBusException as exc:
+        raise ServeError(
+            f"cannot own {BUS_NAME}: {exc.get_dbus_message()} ({exc.get_dbus_name()}); "
+            "is units/org.secondsite.Config1.conf installed in /usr/share/dbus-1/system.d "
+            "and is the server running as root or secondsite?"
+        ) from None
+    if answer not in (
+        dbus.bus.REQUEST_NAME_REPLY_PRIMARY_OWNER,
+        dbus.bus.REQUEST_NAME_REPLY_ALREADY_OWNER,
+    ):
+        raise ServeError(f"cannot own {BUS_NAME}: another process already owns it")
+
+
+def serve_config1(
+    api: ConfigApi, loop: asyncio.AbstractEventLoop, bus_address: str | None = None
+) -> Config1Server:
+    """Put `api` on the bus as org.secondsite.Config1 and return the handle to close.
+
+    `bus_address` None means the system bus. Blocks briefly for the bus handshake;
+    call it on `loop`'s thread (or before the loop runs) since it subscribes to
+    `api`. Raises ServeError when the bus is unreachable or the name cannot be owned.
+    """
+    glib = GLibThread(name="configd-dbus")
+    glib.start()
+    bridge = CallBridge(loop, glib, map_error)
+    connection: Any = None
+    try:
+
+        def setup() -> tuple[Any, Config1]:
+            nonlocal connection
+            try:
+                connection = _connect(bus_address, glib.mainloop)
+            except dbus.DBusException as exc:
+                where = bus_address or "the system bus"
+                raise ServeError(f"cannot connect to {where}: {exc.get_dbus_message()}") from None
+            obj = Config1(api, bridge, glib)
+            # Exported before the name is taken: the first call finds the object.
+            obj.add_to_connection(connection, OBJECT_PATH)
+            _own_name(connection)
+            return connection, obj
+
+        connection, obj = glib.call(setup)
+        unsubscribe = api.subscribe(obj.notify)
+    except BaseException:
+        if connection is not None:
+            glib.call(connection.close)
+        glib.stop()
+        raise
+    return Config1Server(glib, connection, obj, bridge, unsubscribe)
