@@ -232,7 +232,66 @@ class Config1(SignatureCheckedObject):
         work = lambda: self._api.resync(_name(machine, "machine"))  # noqa: E731
         self._submit(reply, error, work, _job)
 
+    # -- failover family -----------------------------------------------------------
+
+    @dbus.service.method(INTERFACE, in_signature="sa{sv}", out_signature="a{sv}", **_ASYNC)
+    def SetReplica(
+        self, machine: str, settings: dict[Any, Any], reply: Reply, error: ErrorReply
+    ) -> None:
+        work = lambda: self._api.set_replica(_name(machine, "machine"), _settings(settings))  # noqa: E731
+        self._submit(reply, error, work, _record)
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="aa{sv}", **_ASYNC)
+    def ListVCenters(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, self._api.vcenter_list, _records)
+
+    @dbus.service.method(INTERFACE, in_signature="ssa{sv}", out_signature="s", **_ASYNC)
+    def TestFailover(
+        self, machine: str, point: str, network_map: dict[Any, Any], reply: Reply,
+        error: ErrorReply,
+    ) -> None:  # fmt: skip
+        work = lambda: self._api.test_failover(  # noqa: E731
+            _name(machine, "machine"), _name(point, "point") if point else "",
+            _settings(network_map) or None,
+        )  # fmt: skip
+        self._submit(reply, error, work, _job)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="s", **_ASYNC)
+    def Cleanup(self, machine: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.cleanup(_name(machine, "machine"))  # noqa: E731
+        self._submit(reply, error, work, _job)
+
+    @dbus.service.method(INTERFACE, in_signature="sss", out_signature="s", **_ASYNC)
+    def Failover(
+        self, machine: str, point: str, mode: str, reply: Reply, error: ErrorReply
+    ) -> None:
+        work = lambda: self._api.failover(  # noqa: E731
+            _name(machine, "machine"), _name(point, "point") if point else "", _name(mode, "mode")
+        )
+        self._submit(reply, error, work, _job)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="s", **_ASYNC)
+    def Commit(self, machine: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.commit(_name(machine, "machine"))  # noqa: E731
+        self._submit(reply, error, work, _job)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="s", **_ASYNC)
+    def Cancel(self, machine: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.cancel(_name(machine, "machine"))  # noqa: E731
+        self._submit(reply, error, work, _job)
+
     # -- root only (units/org.secondsite.Config1.conf) ------------------------------
+
+    @dbus.service.method(INTERFACE, in_signature="ssssss", out_signature="a{sv}", **_ASYNC)
+    def RegisterVCenter(  # noqa: PLR0917 - D-Bus arguments are positional
+        self, name: str, site: str, address: str, user: str, password: str, thumbprint: str,
+        reply: Reply, error: ErrorReply,
+    ) -> None:  # fmt: skip
+        work = lambda: self._api.register_vcenter(  # noqa: E731
+            _name(name, "name"), site=site, address=_name(address, "address"),
+            user=_name(user, "user"), password=password, thumbprint=thumbprint,
+        )  # fmt: skip
+        self._submit(reply, error, work, _record)
 
     @dbus.service.method(INTERFACE, in_signature="", out_signature="a{sv}", **_ASYNC)
     def GetPassphrase(self, reply: Reply, error: ErrorReply) -> None:

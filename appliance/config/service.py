@@ -40,13 +40,14 @@ from appliance.config.model import (
     ServerRole,
 )
 from appliance.config.passphrase import PassphraseStore
+from appliance.config.replica import ReplicaSettings
 from appliance.config.reports import (
     AgentReport,
     ReportBuffer,
     parse_process_disks,
     parse_target_points,
 )
-from appliance.config.vcenters import VCenterStore
+from appliance.config.vcenters import Credentials, VCenterStore
 
 log = logging.getLogger(__name__)
 MAX_NAME = 253
@@ -513,6 +514,39 @@ class ConfigService:
         if network_map:
             params["network_map"] = network_map
         return self._failover_job(JobKind.TEST_FAILOVER, machine, params)
+
+    async def set_replica(self, machine: str, settings: Record) -> Record:
+        self.inventory.machine(_name(machine, "machine"))
+        ReplicaSettings.parse(settings)
+        replica: Record = self.inventory.update_machine(machine, replica=settings)["replica"]
+        return replica
+
+    async def vcenter_list(self) -> list[Record]:
+        return self.inventory.vcenters()
+
+    async def register_vcenter(
+        self, name: str, *, site: str, address: str, user: str, password: str, thumbprint: str
+    ) -> Record:
+        if self.vcenters is None:
+            raise ConfigServerError("vCenter support is not configured on this server")
+        store = self.vcenters
+        for value, what in ((name, "name"), (address, "address"), (user, "user")):
+            _name(value, what)
+        if not thumbprint:
+            seen = await asyncio.to_thread(store.probe, address)
+            raise InvalidArgument(
+                f"vCenter {address} presents the certificate with SHA-256 thumbprint {seen}; "
+                "check it against the vCenter's own and register again with that thumbprint"
+            )
+        site = site or "secondary"
+        if not any(s["name"] == site for s in self.inventory.sites()):
+            self.inventory.add_site(site, "secondary")
+        record: Record = await asyncio.to_thread(
+            store.register, name, site, address, Credentials(user, password), thumbprint
+        )
+        self.inventory.add_event("info", name, "vcenter", f"vCenter {name} ({address}) "
+                                 "registered", self._clock())  # fmt: skip
+        return record
 
     async def cleanup(self, machine: str) -> str:
         return self._failover_job(JobKind.CLEANUP, machine, {})

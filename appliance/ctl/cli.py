@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
-from appliance.ctl import commands
+from appliance.ctl import commands, failover
 from appliance.ctl.commands import BUS_ENV, ClientFactory, ConfigClient, Context, CtlError, CtlExit
 from appliance.daemon.cli import OperatorError
 
@@ -32,6 +32,8 @@ examples:
         --app-interval 1h --retention-hours 24 --retention-bytes 50G
   {PROG} policy assign web01 gold
   {PROG} passphrase --rotate > /root/enrol.pass
+  {PROG} test-failover web01 --point latest-app --wait && {PROG} cleanup web01
+  {PROG} failover web01 --unplanned --wait && {PROG} commit web01
 
 options may come before or after the command; every listing takes --json, which
 prints the server's records unchanged (times as Unix seconds, sizes in bytes).
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     _add_policy(add)
+    _add_failover(add)
     add(
         "passphrase",
         commands.cmd_passphrase,
@@ -250,6 +253,63 @@ def _add_policy(add: Callable[..., argparse.ArgumentParser]) -> None:
     actions.add_parser(
         "list", help="list policies (same as 'policies')", parents=[common]
     ).set_defaults(func=commands.cmd_policies)
+
+
+def _add_failover(add: Callable[..., argparse.ArgumentParser]) -> None:
+    point_help = (
+        "latest (default), latest-app, a tag id, or a time (Unix seconds or ISO 8601): "
+        "the newest usable point at or before it"
+    )
+
+    def job(
+        name: str, func: Callable[..., int], text: str, example: str
+    ) -> argparse.ArgumentParser:
+        command = add(name, func, text, example)
+        command.add_argument("machine")
+        command.add_argument(
+            "--wait", action="store_true", help="follow the job; exit 1 if it fails"
+        )
+        return command
+
+    drill = job(
+        "test-failover", failover.cmd_test_failover,
+        "start a drill: the machine's VM from a point, on an isolated network, "
+        "replication keeps running", "test-failover web01 --point latest-app --wait",
+    )  # fmt: skip
+    drill.add_argument("--point", default="", help=point_help)
+    drill.add_argument("--network", action="append", metavar="NIC=PORTGROUP",
+                       help="attach NIC to this port group instead of an isolated one "
+                            "(repeatable)")  # fmt: skip
+    job("cleanup", failover.cmd_cleanup,
+        "end a drill: remove its VM, its isolated network and its copy of the disks",
+        "cleanup web01 --wait")  # fmt: skip
+    real = job("failover", failover.cmd_failover,
+               "fail a machine over: stop replication, roll its replica back to the point, "
+               "start its VM on the production network", "failover web01 --wait")  # fmt: skip
+    real.add_argument("--point", default="", help=point_help)
+    real.add_argument("--unplanned", action="store_true",
+                      help="the source is gone: do not wait for its agent to stop")  # fmt: skip
+    job("commit", failover.cmd_commit, "make a failover final", "commit web01 --wait")
+    job("cancel", failover.cmd_cancel,
+        "undo a failover that is not committed: remove the VM, protect again",
+        "cancel web01 --wait")  # fmt: skip
+    replica = add("replica", failover.cmd_replica_set,
+                  "set where the machine's VM goes at failover, from a JSON file ('-': stdin; "
+                  "keys in appliance/config/replica.py)", "replica web01 replica.json")  # fmt: skip
+    replica.add_argument("machine")
+    replica.add_argument("file", metavar="FILE")
+    add("vcenters", failover.cmd_vcenters, "list registered vCenters", "vcenters")
+    vc = add("vcenter-add", failover.cmd_vcenter_add,
+             "register a vCenter (root only); without --thumbprint it prints the thumbprint "
+             "the vCenter presents, to check and pass back",
+             "vcenter-add vc-dr vc.dr.example --user administrator@vsphere.local "
+             "--password-file /root/vc.pass --thumbprint AA:BB:...")  # fmt: skip
+    vc.add_argument("name")
+    vc.add_argument("address", help="host or host:port")
+    vc.add_argument("--user", required=True)
+    vc.add_argument("--password-file", required=True, metavar="FILE")
+    vc.add_argument("--thumbprint", help="the SHA-256 thumbprint to trust")
+    vc.add_argument("--site", help="the site it belongs to (default: secondary)")
 
 
 def dbus_client(address: str | None) -> ConfigClient:

@@ -182,6 +182,43 @@ class FakeConfig:
     async def revoke(self, name: str) -> None:
         self.calls.append(("revoke", name))
 
+    async def set_replica(self, machine: str, settings: Record) -> Record:
+        self._machine(machine)
+        return settings
+
+    async def vcenter_list(self) -> list[Record]:
+        return [{"name": "vc-dr", "address": "vc:443", "site": "dr"}]
+
+    async def register_vcenter(
+        self, name: str, *, site: str, address: str, user: str, password: str, thumbprint: str
+    ) -> Record:
+        if not thumbprint:
+            raise errors.InvalidArgument("confirm the thumbprint AA:BB")
+        self.calls.append(("register_vcenter", (name, site, address, user)))
+        return {"name": name, "address": address, "site": site, "thumbprint": thumbprint}
+
+    async def test_failover(self, machine: str, point: str, network_map: Record | None) -> str:
+        self._machine(machine)
+        self.calls.append(("test_failover", (machine, point, network_map)))
+        return "job-tfo"
+
+    async def cleanup(self, machine: str) -> str:
+        self._machine(machine)
+        return "job-cleanup"
+
+    async def failover(self, machine: str, point: str, mode: str) -> str:
+        self._machine(machine)
+        self.calls.append(("failover", (machine, point, mode)))
+        return "job-failover"
+
+    async def commit(self, machine: str) -> str:
+        self._machine(machine)
+        return "job-commit"
+
+    async def cancel(self, machine: str) -> str:
+        self._machine(machine)
+        return "job-cancel"
+
     def summary(self) -> Summary:
         return Summary("1.2.3", 3, 2, 1, 4, -1.0)
 
@@ -315,6 +352,20 @@ def test_changes_round_trip(client: Config1Client, api: FakeConfig) -> None:
     assert client.call("RotatePassphrase") == {"passphrase": "rotated", "expires": 99.0}
     assert client.call("Revoke", "web01") is None
     assert ("revoke", "web01") in api.calls
+    assert client.call("TestFailover", "web01", "latest", {}) == "job-tfo"
+    assert ("test_failover", ("web01", "latest", None)) in api.calls  # {}: isolated
+    assert client.call("TestFailover", "web01", "", {"eth0": "VM Network"}) == "job-tfo"
+    assert ("test_failover", ("web01", "", {"eth0": "VM Network"})) in api.calls
+    assert client.call("Failover", "web01", "t-5", "planned") == "job-failover"
+    assert ("failover", ("web01", "t-5", "planned")) in api.calls
+    for method in ("Cleanup", "Commit", "Cancel"):
+        assert client.call(method, "web01") == f"job-{method.lower()}"
+    assert client.call("SetReplica", "web01", {"cpus": 2}) == {"cpus": 2}
+    assert client.call("ListVCenters") == [{"name": "vc-dr", "address": "vc:443", "site": "dr"}]
+    with pytest.raises(DBusCallError, match="confirm the thumbprint"):
+        client.call("RegisterVCenter", "vc-dr", "dr", "vc:443", "u", "pw", "")
+    record = client.call("RegisterVCenter", "vc-dr", "dr", "vc:443", "u", "pw", "AA:BB")
+    assert record["thumbprint"] == "AA:BB" and "password" not in record
 
 
 def test_wire_types_are_the_documented_ones(raw: Any) -> None:
@@ -523,6 +574,7 @@ _PROBE_CALLS = [
     ["GetPassphrase", []],
     ["RotatePassphrase", []],
     ["Revoke", ["web01"]],
+    ["RegisterVCenter", ["vc", "dr", "vc:443", "u", "pw", "AA:BB"]],
 ]
 
 
@@ -547,7 +599,7 @@ def test_policy_group_member_outsider_and_root(
     server: Config1Server, bus: PrivateBus, client: Config1Client
 ) -> None:
     member = probe(bus, MEMBER)
-    root_only = {"GetPassphrase", "RotatePassphrase", "Revoke"}
+    root_only = {"GetPassphrase", "RotatePassphrase", "Revoke", "RegisterVCenter"}
     assert {m for m, r in member.items() if r == "ok"} == set(member) - root_only
     assert {member[m] for m in root_only} == {ACCESS_DENIED}
     assert set(probe(bus, OUTSIDER).values()) == {ACCESS_DENIED}
@@ -564,7 +616,7 @@ def test_policy_lists_every_contract_method() -> None:
         if rule.get("send_interface") == INTERFACE
     }
     methods = set(_interface(contract_xml())["methods"])
-    assert allowed == methods - {"GetPassphrase", "RotatePassphrase", "Revoke"}
+    assert allowed == methods - {"GetPassphrase", "RotatePassphrase", "Revoke", "RegisterVCenter"}
 
 
 def test_unmodified_policy_loads(bus_dir: Path, api: FakeConfig, loop: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -154,6 +155,14 @@ def _answers() -> dict[str, Any]:
         "GetPassphrase": {"passphrase": "correct-horse", "expires_at": NOW + 3600},
         "RotatePassphrase": {"passphrase": "battery-staple"},
         "Revoke": None,
+        "TestFailover": "j-20",
+        "Cleanup": "j-21",
+        "Failover": "j-22",
+        "Commit": "j-23",
+        "Cancel": "j-24",
+        "SetReplica": lambda machine, settings: settings,
+        "ListVCenters": [{"name": "vc-dr", "site": "dr", "address": "vc:443"}],
+        "RegisterVCenter": lambda *a: {"name": a[0], "address": a[2], "thumbprint": a[5]},
     }
 
 
@@ -228,8 +237,11 @@ def test_help_lists_every_command_and_exit_status() -> None:
     for command in (
         "status", "machines", "disks", "points", "servers", "jobs", "job", "alerts", "events",
         "policies", "protect", "unprotect", "resync", "policy", "passphrase", "revoke",
+        "test-failover", "cleanup", "failover", "commit", "cancel", "replica", "vcenters",
+        "vcenter-add",
     ):  # fmt: skip
-        assert f"\n    {command} " in done.stdout, command
+        # a long name gets its own line, its help on the next
+        assert re.search(rf"\n    {command}[ \n]", done.stdout), command
     assert "exit status:" in done.stdout
     for code in CtlExit:
         assert f"\n  {code:d}  " in done.stdout
@@ -592,3 +604,40 @@ def test_bus_address(ctl: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     assert ctl("machines").addresses == ["unix:path=/env"]
     assert ctl("--bus", "unix:path=/flag", "machines").addresses == ["unix:path=/flag"]
     assert ctl("machines", "--bus", "unix:path=/flag").addresses == ["unix:path=/flag"]
+
+
+def test_failover_family(ctl: Run, tmp_path: Path) -> None:
+    result = ctl("test-failover", "web01")
+    assert (result.code, result.out) == (0, "j-20\n")
+    assert result.client.calls == [("TestFailover", ("web01", "", {}))]
+    result = ctl("test-failover", "web01", "--point", "t-9", "--network", "eth0=VM Network")
+    assert result.client.calls == [("TestFailover", ("web01", "t-9", {"eth0": "VM Network"}))]
+    bad = ctl("test-failover", "web01", "--network", "eth0")
+    assert bad.code == CtlExit.USAGE and "NIC=PORTGROUP" in bad.err and not bad.client.calls
+    assert ctl("failover", "web01").client.calls == [("Failover", ("web01", "", "planned"))]
+    result = ctl("failover", "web01", "--unplanned", "--point", "latest-app")
+    assert result.client.calls == [("Failover", ("web01", "latest-app", "unplanned"))]
+    for command, job in (("cleanup", "j-21"), ("commit", "j-23"), ("cancel", "j-24")):
+        assert ctl(command, "web01").out == f"{job}\n"
+
+
+def test_replica_and_vcenters(ctl: Run, tmp_path: Path) -> None:
+    settings = tmp_path / "replica.json"
+    settings.write_text(json.dumps({"vcenter": "vc-dr", "cpus": 2}))
+    result = ctl("replica", "web01", str(settings), "--json")
+    assert result.client.calls == [("SetReplica", ("web01", {"vcenter": "vc-dr", "cpus": 2}))]
+    assert json.loads(result.out) == {"vcenter": "vc-dr", "cpus": 2}
+    (tmp_path / "list.json").write_text("[1]")
+    assert ctl("replica", "web01", str(tmp_path / "list.json")).code == CtlExit.USAGE
+    assert ctl("replica", "web01", str(tmp_path / "missing.json")).code == CtlExit.USAGE
+    assert "vc-dr  dr  vc:443" in ctl("vcenters").out
+    password = tmp_path / "pw"
+    password.write_text("s3cret\n")
+    result = ctl("vcenter-add", "vc-dr", "vc:443", "--user", "admin", "--password-file",
+                 str(password), "--thumbprint", "AA:BB")  # fmt: skip
+    assert result.code == 0
+    assert result.client.calls == [
+        ("RegisterVCenter", ("vc-dr", "", "vc:443", "admin", "s3cret", "AA:BB"))
+    ]
+    missing = ctl("vcenter-add", "vc", "vc:443", "--user", "a", "--password-file", "/nope")
+    assert missing.code == CtlExit.FAILURE and "cannot read the password file" in missing.err
