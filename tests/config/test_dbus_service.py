@@ -55,7 +55,7 @@ from tests.dbusbus import PrivateBus, start_private_bus
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 REPO = Path(__file__).resolve().parents[2]
-POLICY = REPO / "units" / "org.secondsite.Config1.conf"
+POLICY = REPO / "units" / "dbus-1" / "system.d" / "org.secondsite.Config1.conf"
 ERR = "org.secondsite.Config1.Error."
 # The secondsite group does not exist on build machines: policy tests use a copy of
 # the policy file naming `nogroup` (nobody's group) instead; `daemon` is a non-member.

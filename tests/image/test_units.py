@@ -125,6 +125,8 @@ def test_the_expected_units_exist() -> None:
         "secondsite-processd.service",
         "secondsite-process.target",
         "secondsite-boot-check.service",
+        "secondsite-configd.service",
+        "secondsite-config.target",
     } <= names
 
 

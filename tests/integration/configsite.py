@@ -21,7 +21,7 @@ from tests.dbusbus import PrivateBus
 from tests.integration.daemons import RoleDaemon
 
 REPO = Path(__file__).resolve().parents[2]
-POLICY = REPO / "units" / "org.secondsite.Config1.conf"
+POLICY = REPO / "units" / "dbus-1" / "system.d" / "org.secondsite.Config1.conf"
 
 
 @dataclass
