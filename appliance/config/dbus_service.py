@@ -280,7 +280,7 @@ class Config1(SignatureCheckedObject):
         work = lambda: self._api.cancel(_name(machine, "machine"))  # noqa: E731
         self._submit(reply, error, work, _job)
 
-    # -- root only (units/dbus-1/system.d/org.secondsite.Config1.conf) ------------------------------
+    # -- root only (units/dbus-1/system.d/org.secondsite.Config1.conf) --------------
 
     @dbus.service.method(INTERFACE, in_signature="ssssss", out_signature="a{sv}", **_ASYNC)
     def RegisterVCenter(  # noqa: PLR0917 - D-Bus arguments are positional
@@ -478,8 +478,8 @@ def _own_name(connection: Any) -> None:
     except dbus.DBusException as exc:
         raise ServeError(
             f"cannot own {BUS_NAME}: {exc.get_dbus_message()} ({exc.get_dbus_name()}); "
-            "is units/dbus-1/system.d/org.secondsite.Config1.conf installed in /usr/share/dbus-1/system.d "
-            "and is the server running as root or secondsite?"
+            "is org.secondsite.Config1.conf (units/dbus-1/system.d/) installed in "
+            "/usr/share/dbus-1/system.d, and is the server running as root or secondsite?"
         ) from None
     if answer not in (
         dbus.bus.REQUEST_NAME_REPLY_PRIMARY_OWNER,

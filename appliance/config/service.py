@@ -91,6 +91,10 @@ class ConfigService:
         self._listeners: list[Callable[[Signal], None]] = []
         self._buffer = ReportBuffer()
         self._newest: dict[str, float] = {}  # newest point time per machine, as last reported
+        # What reports compare against, kept here so that a thousand machines reporting
+        # every few seconds do not each cost a query for what rarely changes.
+        self._disk_ids: dict[str, frozenset[str]] = {}
+        self._open_alerts = {(a["subject"], a["kind"]) for a in inventory.alerts(False)}
         #: Called with every serial revoked, so the listener refuses them at once.
         self.on_revoke: Callable[[set[str]], object] | None = None
         self.vcenters = vcenters
@@ -192,9 +196,12 @@ class ConfigService:
             machine = self.inventory.machine(name)
         except NotFound:
             raise NotAuthorised(f"{name} is not an enrolled machine") from None
-        known = {d["disk_id"] for d in self.inventory.disks(name)}
-        if {d.disk_id for d in report.disks} != known and report.disks:
-            self.inventory.set_disks(name, [_disk_row(d) for d in report.disks])
+        reported = frozenset(d.disk_id for d in report.disks)
+        if reported and reported != self._disk_ids.get(name):
+            known = frozenset(d["disk_id"] for d in self.inventory.disks(name))
+            if reported != known:
+                self.inventory.set_disks(name, [_disk_row(d) for d in report.disks])
+            self._disk_ids[name] = reported
         for d in report.disks:
             self._buffer.disk(
                 name, d.disk_id, initial_percent=d.initial_percent, initial_done=d.initial_done
@@ -328,10 +335,8 @@ class ConfigService:
 
     def flush(self) -> None:
         machines, disks = self._buffer.take()
-        if disks:
-            known = {(d["machine"], d["disk_id"]) for d in self.inventory.all_disks()}
-            rows = [(m, d, f) for (m, d), f in disks.items() if (m, d) in known]
-            self.inventory.update_disks_bulk(rows)
+        if disks:  # rows of disks that went meanwhile are skipped by the inventory
+            self.inventory.update_disks_bulk([(m, d, f) for (m, d), f in disks.items()])
         if machines:
             self.inventory.update_machines_bulk(list(machines.items()))
 
@@ -348,7 +353,7 @@ class ConfigService:
             state = health.machine_state(
                 machine, disks_of.get(name, []), threshold, now, self.settings.health
             )
-            if self.inventory.set_machine_state(name, state, now):
+            if state != machine["state"] and self.inventory.set_machine_state(name, state, now):
                 self._emit(MachineStateChanged(name, state.value))
                 self.inventory.add_event("info", name, "state", f"{name} is {state}", now)
             for alerting in health.assess(machine, state, threshold, now):
@@ -359,13 +364,16 @@ class ConfigService:
             )
 
     def _apply_alert(self, subject: str, alerting: health.Alerting, now: float) -> None:
-        if alerting.active is None:
-            return
+        key = (subject, alerting.kind.value)
+        if alerting.active is None or alerting.active == (key in self._open_alerts):
+            return  # nothing changes (an open alert keeps the message it was raised with)
         if alerting.active:
+            self._open_alerts.add(key)
             record = self.inventory.raise_alert(
                 subject, alerting.kind.value, alerting.severity.value, alerting.message, now
             )
         else:
+            self._open_alerts.discard(key)
             record = self.inventory.clear_alert(subject, alerting.kind.value, now)
         if record is None:
             return
