@@ -118,6 +118,22 @@ class _FreezeWorker(threading.Thread):
         except OSError as err:
             self.failure = QuiesceFailed(f"FIFREEZE {path}", err.strerror or str(err))
             return -1
+        # A protected filesystem unmounted since discovery leaves its mountpoint as a
+        # plain directory of the parent filesystem (the root, often): freezing that would
+        # stall the whole host and vouch for a consistency nobody provided.
+        try:
+            parent_dev = os.stat(path.parent if path != path.parent else path).st_dev
+            same_as_parent = path != path.parent and os.fstat(fd).st_dev == parent_dev
+        except OSError as err:
+            os.close(fd)
+            self.failure = QuiesceFailed(f"FIFREEZE {path}", err.strerror or str(err))
+            return -1
+        if same_as_parent:
+            os.close(fd)
+            self.failure = QuiesceFailed(
+                f"FIFREEZE {path}", "it is no longer a mountpoint (the filesystem was unmounted)"
+            )
+            return -1
         try:
             fcntl.ioctl(fd, FIFREEZE, 0)
         except OSError as err:

@@ -16,7 +16,7 @@ from appliance.lab import disks as loopfs
 from appliance.lab import rpc
 from appliance.lab.agent import read_agent_status, start_agent, write_agent_config
 from appliance.lab.pki import TLS_NAME, make_pki
-from appliance.lab.procs import alive, free_port, spawn, start_notified, stop, strays
+from appliance.lab.procs import alive, exited, free_port, spawn, start_notified, stop, strays
 from appliance.lab.state import LabDisk, LabState, Proc
 
 MACHINE_ID = "lab"
@@ -147,7 +147,7 @@ def _bring_up(lab: LabState, state: Path, ndisks: int, churn_mbps: float) -> Non
     lab.save()
     deadline = time.monotonic() + READY_TIMEOUT
     while not read_agent_status(agent_state):
-        if not alive(proc):
+        if exited(proc):
             raise Unavailable("the agent exited at start", f"see its log {proc.log}")
         if time.monotonic() > deadline:
             raise Unavailable("the agent wrote no status in time", f"see its log {proc.log}")

@@ -53,7 +53,7 @@ def start_notified(name: str, argv: list[str], log: Path, notify: Path, timeout:
         proc = spawn(name, argv, log, {"NOTIFY_SOCKET": str(notify)})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not alive(proc):
+            if exited(proc):
                 raise Unavailable(f"{name} exited at start: {_tail(log)}", f"see its log {log}")
             try:
                 message = sock.recv(4096).decode()
@@ -66,6 +66,17 @@ def start_notified(name: str, argv: list[str], log: Path, notify: Path, timeout:
     finally:
         sock.close()
         notify.unlink(missing_ok=True)
+
+
+def exited(proc: Proc) -> bool:
+    """Whether a child this process started has exited. Unlike `alive`, it does not
+    read /proc/PID/cmdline, which right after the spawn may not show the new program's
+    arguments yet (a daemon was taken for dead that way)."""
+    try:
+        pid, _ = os.waitpid(proc.pid, os.WNOHANG)
+    except ChildProcessError:  # not our child (or already reaped): judge by /proc
+        return not alive(proc)
+    return pid == proc.pid
 
 
 def alive(proc: Proc) -> bool:

@@ -87,6 +87,18 @@ def test_a_later_freeze_failure_thaws_the_earlier_ones(mnt: Path) -> None:
     assert writer.finished.wait(5.0)
 
 
+def test_an_unmounted_mountpoint_is_refused_not_its_parent_frozen(mnt: Path) -> None:
+    # A directory on the loop fs stands for a protected mountpoint that was unmounted:
+    # FIFREEZE on it would freeze its parent (here the loop fs; on a host, the root).
+    stale = mnt / "was-a-mountpoint"
+    stale.mkdir()
+    with pytest.raises(QuiesceFailed, match="no longer a mountpoint"), freeze([stale], 5.0):
+        pytest.fail("the body must not run")
+    writer = Writer(mnt / "not-blocked")
+    writer.start()
+    assert writer.finished.wait(5.0)
+
+
 def test_bind_mount_of_the_same_filesystem_is_frozen_once(mnt: Path, tmp_path: Path) -> None:
     bind = tmp_path / "bind"
     bind.mkdir()
