@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.dbusbus import PrivateBus, start_private_bus
+from appliance.lab.bus import PrivateBus, start_private_bus
 from tests.pki import Authority, Leaf
 from tests.vcsim.fixture import vcsim  # noqa: F401 - a fresh vCenter simulator per module
 

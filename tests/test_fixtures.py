@@ -11,7 +11,7 @@ import dbus
 import pytest
 
 from tests.conftest import TlsMaterial
-from tests.dbusbus import PrivateBus
+from appliance.lab.bus import PrivateBus
 
 
 def test_tls_material_handshakes_and_rejects_rogue(tls: TlsMaterial, port: int) -> None:

@@ -4,44 +4,42 @@ configuration keys change (agent/config.py AGENT_SETTINGS)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from appliance.daemon.cli import Unavailable
 from appliance.lab.procs import spawn
 from appliance.lab.state import Proc
 
 
-def write_agent_config(
-    path: Path,
-    *,
-    machine_id: str,
-    state_dir: Path,
-    process_port: int,
-    tls_name: str,
-    disks: list[str],
-    cert: Path,
-    key: Path,
-    ca: Path,
-) -> None:
+def write_agent_config(path: Path, *, machine_id: str, state_dir: Path, disks: list[str]) -> None:
+    """A managed agent: no process server and no TLS material here; enrolment with the
+    configuration server provides both."""
     disk_list = ", ".join(json.dumps(d) for d in disks)
     path.write_text(
         f"""[agent]
 machine_id = "{machine_id}"
 state_dir = "{state_dir}"
-process_server = "127.0.0.1:{process_port}"
-tls_name = "{tls_name}"
 disks = [{disk_list}]
 tracker = "auto"
 tag_interval = 5.0
 freeze_timeout = 1.0
-
-[tls]
-cert = "{cert}"
-key = "{key}"
-ca = "{ca}"
 """
     )
+
+
+def enrol_agent(config: Path, server: str, passphrase_file: Path, log: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "enroll", "--config", str(config), "--server", server,
+         "--passphrase-file", str(passphrase_file)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    with log.open("a") as f:
+        f.write(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise Unavailable(f"the agent could not enrol: {done.stderr.strip()}", f"see {log}")
 
 
 def start_agent(config: Path, log: Path) -> Proc:

@@ -19,8 +19,10 @@ DESCRIPTION = """\
 Run the whole pipeline on this machine: a master target (secondsite-targetd), a process
 server (secondsite-processd) and an agent protecting loop devices, each with a mounted
 ext4 filesystem made from image files under the state directory, plus an optional churn
-generator writing into them. Components are wired with a static configuration and the
-lab's own throwaway CA until the configuration server's enrolment lands.
+generator writing into them. A configuration server (secondsite-configd) on a private
+D-Bus of its own holds the CA: the master target, the process server and the agent enrol
+with its passphrase exactly as on real sites, and `secondsitectl --bus ADDRESS` (the
+address `up` prints) manages the lab like an appliance.
 """
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)i?B?$", re.IGNORECASE)
@@ -92,6 +94,12 @@ def _print_status(st: dict[str, Any]) -> None:
             f"{d['disk']:<7} {d['device']:<12} {pct:>8} {_fmt_bytes(d['backlog_bytes']):>11} "
             f"{rpo:>8} {d['points']:>6}"
         )
+    m = st.get("machine")
+    if m:
+        rpo = "-" if m.get("rpo_seconds") is None else f"{m['rpo_seconds']:.1f}s"
+        print(f"configuration server: {st['machine_id']} is {m.get('state')}, RPO {rpo} "
+              f"(threshold {m.get('rpo_threshold_s', 0):.0f}s); "
+              f"secondsitectl --bus {st['bus']} status")  # fmt: skip
 
 
 def _main(argv: list[str] | None) -> int:
@@ -100,8 +108,9 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "up":
         started = lab.up(state_dir, args.size, args.disks, args.churn)
         devices = ", ".join(f"{d.device} on {d.mount}" for d in started.disks)
-        print(f"lab up in {started.state_dir}: {devices}; targetd :{started.target_port}, "
-              f"processd :{started.process_port}")  # fmt: skip
+        print(f"lab up in {started.state_dir}: {devices}; configd :{started.config_port}, "
+              f"targetd :{started.target_port}, processd :{started.process_port}")  # fmt: skip
+        print(f"manage it with: secondsitectl --bus {started.bus_address} status")
     elif args.command == "status":
         st = lab.status(state_dir)
         if args.json:

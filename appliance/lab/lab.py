@@ -5,40 +5,62 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.config.ca import CertificateAuthority
+from appliance.config.model import ComponentKind
 from appliance.daemon.cli import OperatorError, Unavailable
+from appliance.dbus.client import Config1Client
 from appliance.lab import disks as loopfs
 from appliance.lab import rpc
-from appliance.lab.agent import read_agent_status, start_agent, write_agent_config
-from appliance.lab.pki import TLS_NAME, make_pki
+from appliance.lab.agent import enrol_agent, read_agent_status, start_agent, write_agent_config
+from appliance.lab.bus import start_private_bus
 from appliance.lab.procs import alive, exited, free_port, spawn, start_notified, stop, strays
 from appliance.lab.state import LabDisk, LabState, Proc
 
 MACHINE_ID = "lab"
 READY_TIMEOUT = 60.0
-STOP_ORDER = ("churn", "agent", "processd", "targetd")
+STOP_ORDER = ("churn", "agent", "processd", "targetd", "configd", "dbus")
+POLICY = "org.secondsite.Config1.conf"
+CONFIGD_EXTRA = """
+[dbus]
+bus = "{bus}"
+[reports]
+interval = 2.0
+[health]
+agent_timeout = 30.0
+server_timeout = 30.0
+"""
 
 
 def default_state_dir() -> Path:
     return Path("/var/lib/secondsite/lab") if os.geteuid() == 0 else Path(".lab")
 
 
-def _daemon_config(state: Path, name: str, port: int, *, cert: Path, key: Path, ca: Path) -> str:
+def _daemon_config(state: Path, name: str, port: int, extra: str = "") -> str:
+    # No [tls]: each daemon uses what it enrolled (STATE/tls/).
     return f"""[server]
 name = "lab-{name}"
 listen = "127.0.0.1:{port}"
 state_dir = "{state / name}"
+{extra}"""
 
-[tls]
-cert = "{cert}"
-key = "{key}"
-ca = "{ca}"
-"""
+
+def _policy_file() -> Path:
+    """The D-Bus policy: from the checkout (units/), else where the image installs it."""
+    for candidate in (
+        Path(__file__).resolve().parents[2] / "units" / "dbus-1" / "system.d" / POLICY,
+        Path("/usr/share/dbus-1/system.d") / POLICY,
+    ):
+        if candidate.is_file():
+            return candidate
+    raise Unavailable(f"the D-Bus policy {POLICY} is not installed",
+                      "run the lab from a checkout, or install the appliance")  # fmt: skip
 
 
 def _require_root() -> None:
@@ -86,32 +108,46 @@ def up(state_dir: Path, size: int, ndisks: int, churn_mbps: float) -> LabState:
 def _bring_up(lab: LabState, state: Path, ndisks: int, churn_mbps: float) -> None:
     logs = state / "logs"
     logs.mkdir(exist_ok=True)
-    pki = make_pki(state / "pki", ["targetd", "processd", "agent", "admin"])
-    lab.pki = {
-        "ca": str(pki.ca),
-        "cert": str(pki.leaves["admin"].cert),
-        "key": str(pki.leaves["admin"].key),
-    }
     py = sys.executable
 
-    lab.target_port = free_port()
-    leaf = pki.leaves["targetd"]
-    config = state / "targetd.toml"
-    config.write_text(
-        _daemon_config(state, "targetd", lab.target_port, cert=leaf.cert, key=leaf.key, ca=pki.ca)
+    # A private system-like bus with our policy, and the configuration server on it.
+    bus = start_private_bus(
+        state / "bus", (_policy_file(),), new_session=True, log=logs / "dbus.log"
     )
-    argv = [py, "-m", "appliance.target", "--config", str(config)]
-    lab.procs["targetd"] = _started(lab, "targetd", argv, logs, state)
+    lab.bus_address = bus.address
+    lab.procs["dbus"] = Proc("dbus", bus.process.pid, bus.argv, str(logs / "dbus.log"))
+    lab.save()
+    lab.config_port = free_port()
+    config = state / "configd.toml"
+    config.write_text(_daemon_config(state, "configd", lab.config_port, CONFIGD_EXTRA.format(
+        bus=bus.address)))  # fmt: skip
+    _started(lab, "configd", [py, "-m", "appliance.config", "--config", str(config)], logs, state)
+    passphrase = state / "passphrase"
+    with Config1Client(bus.address) as client:
+        phrase = client.call("GetPassphrase")["passphrase"]
+    passphrase.touch(mode=0o600)
+    passphrase.write_text(phrase + "\n")
+    server = f"127.0.0.1:{lab.config_port}"
 
+    # The master target and the process server enrol with the passphrase, then start.
+    lab.target_port = free_port()
     lab.process_port = free_port()
-    leaf = pki.leaves["processd"]
-    config = state / "processd.toml"
-    config.write_text(
-        _daemon_config(state, "processd", lab.process_port, cert=leaf.cert, key=leaf.key, ca=pki.ca)
-        + f'\n[target]\naddress = "127.0.0.1:{lab.target_port}"\ntls_name = "{TLS_NAME}"\n'
-    )
-    argv = [py, "-m", "appliance.process", "--config", str(config)]
-    lab.procs["processd"] = _started(lab, "processd", argv, logs, state)
+    for name, module, port, extra in (
+        ("targetd", "appliance.target", lab.target_port, ""),
+        ("processd", "appliance.process", lab.process_port,
+         f'[target]\naddress = "127.0.0.1:{lab.target_port}"\n'),
+    ):  # fmt: skip
+        config = state / f"{name}.toml"
+        config.write_text(_daemon_config(state, name, port, extra))
+        argv = [py, "-m", module, "--config", str(config)]
+        _enrol(argv, server, passphrase, logs / f"{name}.log")
+        _started(lab, name, argv, logs, state)
+
+    # The lab's own admin certificate, for the master target's control RPCs.
+    ca = CertificateAuthority.open_or_create(state / "configd" / "ca")
+    cert, key = ca.issue_local("lab-admin", ComponentKind.ADMIN, [], state / "pki")
+    lab.pki = {"ca": str(ca.ca_path), "cert": str(cert), "key": str(key)}
+    lab.save()
 
     for i in range(ndisks):
         disk = LabDisk(f"disk{i}", str(state / "images" / f"disk{i}.img"))
@@ -126,21 +162,12 @@ def _bring_up(lab: LabState, state: Path, ndisks: int, churn_mbps: float) -> Non
         lab.save()
         loopfs.seed(mountpoint, lab.size)
 
-    leaf = pki.leaves["agent"]
     agent_state = state / "agent"
     agent_state.mkdir(exist_ok=True)
     config = state / "agent.toml"
-    write_agent_config(
-        config,
-        machine_id=lab.machine_id,
-        state_dir=agent_state,
-        process_port=lab.process_port,
-        tls_name=TLS_NAME,
-        disks=[d.device for d in lab.disks],
-        cert=leaf.cert,
-        key=leaf.key,
-        ca=pki.ca,
-    )
+    write_agent_config(config, machine_id=lab.machine_id, state_dir=agent_state,
+                       disks=[d.device for d in lab.disks])  # fmt: skip
+    enrol_agent(config, server, passphrase, logs / "agent.log")
     (agent_state / "status.json").unlink(missing_ok=True)
     proc = start_agent(config, logs / "agent.log")
     lab.procs["agent"] = proc
@@ -155,6 +182,16 @@ def _bring_up(lab: LabState, state: Path, ndisks: int, churn_mbps: float) -> Non
 
     if churn_mbps > 0:
         set_churn(state, churn_mbps, lab)
+
+
+def _enrol(argv: list[str], server: str, passphrase: Path, log: Path) -> None:
+    done = subprocess.run([*argv, "--enroll", server, "--passphrase-file", str(passphrase)],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    with log.open("a") as f:
+        f.write(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise Unavailable(f"{Path(argv[2]).name} could not enrol: {done.stderr.strip()}",
+                          f"see {log}")  # fmt: skip
 
 
 def _started(lab: LabState, name: str, argv: list[str], logs: Path, state: Path) -> Proc:
@@ -292,7 +329,20 @@ def status(state_dir: Path) -> dict[str, Any]:
         "processes": procs,
         "churn_mbps": lab.churn_mbps,
         "disks": [asdict(d) for d in disks],
+        "bus": lab.bus_address,
+        "machine": _configd_view(lab) if procs.get("configd") else None,
     }
+
+
+def _configd_view(lab: LabState) -> dict[str, Any] | None:
+    """The machine as the configuration server sees it (state, RPO), or None."""
+    try:
+        with Config1Client(lab.bus_address, timeout=5) as client:
+            record: dict[str, Any] = client.call("GetMachine", lab.machine_id)
+    except Exception:  # noqa: BLE001 - the lab status shows what it can
+        return None
+    keep = ("state", "rpo_seconds", "rpo_threshold_s", "process_server", "master_target")
+    return {k: record.get(k) for k in keep}
 
 
 def materialize(state_dir: Path, point: str, out: Path) -> list[Path]:

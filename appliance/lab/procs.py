@@ -112,7 +112,13 @@ def stop(proc: Proc, timeout: float = 15.0) -> None:
 
 # What the lab starts (`python -m MODULE ...`): only these are ever swept up as strays,
 # never, say, an operator's `tail -f` of a log in the state directory.
-LAB_MODULES = ("appliance.target", "appliance.process", "agent", "appliance.lab.churn")
+LAB_MODULES = (
+    "appliance.config",
+    "appliance.target",
+    "appliance.process",
+    "agent",
+    "appliance.lab.churn",
+)
 
 
 def strays(marker: str) -> list[Proc]:
@@ -127,7 +133,9 @@ def strays(marker: str) -> list[Proc]:
         except OSError:
             continue
         argv = [a.decode(errors="replace") for a in raw if a]
-        ours = len(argv) > 2 and argv[1] == "-m" and argv[2] in LAB_MODULES
+        ours = (len(argv) > 2 and argv[1] == "-m" and argv[2] in LAB_MODULES) or (
+            bool(argv) and Path(argv[0]).name == "dbus-daemon"
+        )
         if ours and any(marker in arg for arg in argv):
             found.append(Proc("stray", int(entry.name), argv, ""))
     return found

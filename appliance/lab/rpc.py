@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from appliance.daemon.cli import Unavailable
-from appliance.lab.pki import TLS_NAME
 from appliance.wire.connection import open_connection
 from appliance.wire.errors import WireError
 from appliance.wire.messages import Hello, Request, Response
@@ -24,7 +23,8 @@ Creds = tuple[Path, Path, Path]  # cert, key, CA
 
 async def _call(port: int, creds: Creds, method: str, params: dict[str, Any]) -> Any:
     ctx = client_context(*creds)
-    conn = await open_connection("127.0.0.1", port, ctx, server_hostname=TLS_NAME)
+    # The lab's daemons enrolled advertising 127.0.0.1: their certificates carry it.
+    conn = await open_connection("127.0.0.1", port, ctx, server_hostname="127.0.0.1")
     try:
         await conn.send(Hello("admin", "secondsite-lab"))
         await conn.recv()

@@ -33,8 +33,10 @@ class LabState:
     state_dir: str
     machine_id: str = "lab"
     size: int = 0
+    config_port: int = 0
     target_port: int = 0
     process_port: int = 0
+    bus_address: str = ""  # the lab's private system-like bus (secondsitectl --bus)
     pki: dict[str, str] = field(default_factory=dict)  # ca, admin_cert, admin_key
     procs: dict[str, Proc] = field(default_factory=dict)
     disks: list[LabDisk] = field(default_factory=list)

@@ -47,11 +47,39 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from appliance.lab import disks  # noqa: E402
-from appliance.lab.agent import read_agent_status, write_agent_config  # noqa: E402
-from appliance.lab.pki import TLS_NAME, LabPki, make_pki  # noqa: E402
+from appliance.lab.agent import read_agent_status  # noqa: E402
 from appliance.lab.procs import free_port, spawn, stop  # noqa: E402
 from appliance.lab.rpc import call  # noqa: E402
 from appliance.lab.state import Proc  # noqa: E402
+from tests.pki import Authority, Leaf  # noqa: E402
+
+TLS_NAME = "localhost"  # every tests.pki leaf carries it
+
+
+@dataclass(frozen=True)
+class LabPki:
+    ca: Path
+    leaves: dict[str, Leaf]
+
+
+def write_agent_config(
+    path: Path, *, machine_id: str, state_dir: Path, process_port: int, tls_name: str,
+    disks: list[str], cert: Path, key: Path, ca: Path,
+) -> None:  # fmt: skip
+    """A statically wired agent (no configuration server in this bench)."""
+    disk_list = ", ".join(json.dumps(d) for d in disks)
+    path.write_text(
+        f'[agent]\nmachine_id = "{machine_id}"\nstate_dir = "{state_dir}"\n'
+        f'process_server = "127.0.0.1:{process_port}"\ntls_name = "{tls_name}"\n'
+        f'disks = [{disk_list}]\ntracker = "auto"\ntag_interval = 5.0\nfreeze_timeout = 1.0\n'
+        f'\n[tls]\ncert = "{cert}"\nkey = "{key}"\nca = "{ca}"\n'
+    )
+
+
+def make_pki(directory: Path, names: list[str]) -> LabPki:
+    authority = Authority.create(directory)
+    return LabPki(authority.cert, {name: authority.issue(name) for name in names})
+
 
 MIB = 1 << 20
 TICK = os.sysconf("SC_CLK_TCK")

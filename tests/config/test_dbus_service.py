@@ -50,7 +50,7 @@ from appliance.config.dbus_service import (
     serve_config1,
 )
 from appliance.dbus.client import ACCESS_DENIED, SERVICE_UNKNOWN, Config1Client, DBusCallError
-from tests.dbusbus import PrivateBus, start_private_bus
+from appliance.lab.bus import PrivateBus, start_private_bus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TlsMaterial, free_port
-from tests.dbusbus import PrivateBus
+from appliance.lab.bus import PrivateBus
 from tests.integration.daemons import RoleDaemon
 
 REPO = Path(__file__).resolve().parents[2]

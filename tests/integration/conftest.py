@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TlsMaterial
-from tests.dbusbus import PrivateBus
+from appliance.lab.bus import PrivateBus
 from tests.integration.configsite import Site, start_site
 
 

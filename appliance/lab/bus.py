@@ -1,4 +1,4 @@
-"""A private `dbus-daemon` with a system-bus-like policy, for tests.
+"""A private `dbus-daemon` with a system-bus-like policy, for the lab and the tests.
 
 Like the system bus: method calls and name ownership are denied by default, signals
 and replies flow, and extra policy files (ours, from `units/`) are read from an
@@ -14,6 +14,8 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from appliance.daemon.cli import Unavailable
 
 _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -49,6 +51,7 @@ class PrivateBus:
     socket: Path
     policy_dir: Path
     process: subprocess.Popen[bytes]
+    argv: list[str]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -60,11 +63,19 @@ class PrivateBus:
                 self.process.wait()
 
 
-def start_private_bus(directory: Path, policies: Iterable[Path] = ()) -> PrivateBus:
-    """Start a dbus-daemon under `directory` with `policies` installed; return its address."""
+def start_private_bus(
+    directory: Path,
+    policies: Iterable[Path] = (),
+    *,
+    new_session: bool = False,
+    log: Path | None = None,
+) -> PrivateBus:
+    """Start a dbus-daemon under `directory` with `policies` installed; return its address.
+    `new_session`: a session of its own (the lab's bus outlives `secondsite-lab up` and a
+    Ctrl-C in the operator's terminal is not for it)."""
     daemon = shutil.which("dbus-daemon")
     if daemon is None:
-        raise RuntimeError("dbus-daemon is not installed (Debian package 'dbus')")
+        raise Unavailable("dbus-daemon is not installed", "apt-get install dbus")
     policy_dir = directory / "system.d"
     policy_dir.mkdir(parents=True, exist_ok=True)
     for policy in policies:
@@ -73,17 +84,16 @@ def start_private_bus(directory: Path, policies: Iterable[Path] = ()) -> Private
     config = directory / "bus.conf"
     config.write_text(_CONFIG.format(socket=socket, policy_dir=policy_dir))
     read_fd, write_fd = os.pipe()
-    process = subprocess.Popen(
-        [
-            daemon,
-            f"--config-file={config}",
-            "--nofork",
-            "--nopidfile",
-            f"--print-address={write_fd}",
-        ],
-        pass_fds=(write_fd,),
-        stdin=subprocess.DEVNULL,
-    )
+    argv = [daemon, f"--config-file={config}", "--nofork", "--nopidfile",
+            f"--print-address={write_fd}"]  # fmt: skip
+    with open(log or os.devnull, "ab") as err:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            # No stdout: a daemon holding its caller's pipe would keep a
+            # `subprocess.run(capture_output=True)` of `lab up` waiting forever.
+            argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=err if log else None,
+            start_new_session=new_session,
+        )  # fmt: skip
     os.close(write_fd)
     try:
         ready, _, _ = select.select([read_fd], [], [], 10)
@@ -93,5 +103,5 @@ def start_private_bus(directory: Path, policies: Iterable[Path] = ()) -> Private
     if not line:
         process.kill()
         process.wait()
-        raise RuntimeError("dbus-daemon did not print its address within 10 s")
-    return PrivateBus(line.splitlines()[0], socket, policy_dir, process)
+        raise Unavailable("dbus-daemon did not print its address within 10 s")
+    return PrivateBus(line.splitlines()[0], socket, policy_dir, process, argv)
