@@ -10,8 +10,8 @@ import threading
 import dbus
 import pytest
 
-from tests.conftest import TlsMaterial
 from appliance.lab.bus import PrivateBus
+from tests.conftest import TlsMaterial
 
 
 def test_tls_material_handshakes_and_rejects_rogue(tls: TlsMaterial, port: int) -> None:

@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT))
 from appliance.config.ca import CertificateAuthority  # noqa: E402
 from appliance.config.inventory import Inventory  # noqa: E402
 from appliance.config.model import ComponentKind, MachineState  # noqa: E402
+from appliance.lab.bus import start_private_bus  # noqa: E402
 from appliance.wire.heartbeat import Reporter  # noqa: E402
 from appliance.wire.tls import client_context, serial_hex  # noqa: E402
 from tests.conftest import TlsMaterial, free_port  # noqa: E402
-from appliance.lab.bus import start_private_bus  # noqa: E402
 from tests.integration.daemons import RoleDaemon  # noqa: E402
 
 MACHINES = 1000

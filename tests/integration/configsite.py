@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TlsMaterial, free_port
 from appliance.lab.bus import PrivateBus
+from tests.conftest import TlsMaterial, free_port
 from tests.integration.daemons import RoleDaemon
 
 REPO = Path(__file__).resolve().parents[2]

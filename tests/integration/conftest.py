@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TlsMaterial
 from appliance.lab.bus import PrivateBus
+from tests.conftest import TlsMaterial
 from tests.integration.configsite import Site, start_site
 
 
