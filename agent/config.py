@@ -7,6 +7,7 @@ discovery (whole disks only) when the agent starts.
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import stat
 from collections.abc import Sequence
@@ -17,7 +18,14 @@ from typing import Any
 
 from agent.discovery import Disk, discover, skip_reason
 from appliance.daemon.cli import ConfigError
-from appliance.settings import Setting, host_port, load, parse_host_port, positive
+from appliance.settings import (
+    Setting,
+    host_port,
+    load,
+    non_negative,
+    parse_host_port,
+    positive,
+)
 
 DEFAULT_CONFIG = Path("/etc/secondsite/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/secondsite/agent")
@@ -57,6 +65,12 @@ AGENT_SETTINGS = (
     Setting("agent.tracker", str, "auto",
             "change tracker: auto (tracefs, else scan), tracefs or scan", _tracker),
     Setting("agent.tag_interval", float, 5.0, "seconds between crash-consistent tags", positive),
+    Setting("agent.app_interval", float, 3600.0,
+            "seconds between app-consistent tags (0: none); the policy's when enrolled",
+            non_negative),
+    Setting("agent.pre_script", str, "",
+            "command run before an app-consistent freeze (a non-zero exit skips that point)"),
+    Setting("agent.post_script", str, "", "command run after an app-consistent thaw"),
     Setting("agent.freeze_timeout", float, 1.0, "hard bound of a filesystem freeze, seconds",
             positive),
     Setting("tls.cert", str, "", "this agent's certificate (default STATE/tls/agent.crt)"),
@@ -75,6 +89,9 @@ class AgentConfig:
     disks: tuple[Path, ...]
     tracker: TrackerChoice
     tag_interval: float
+    app_interval: float | None  # None: no app-consistent tags
+    pre_script: tuple[str, ...]
+    post_script: tuple[str, ...]
     freeze_timeout: float
     tls_cert: Path
     tls_key: Path
@@ -112,6 +129,9 @@ class AgentConfig:
             disks=tuple(Path(p) for p in v["agent.disks"]),
             tracker=TrackerChoice(v["agent.tracker"]),
             tag_interval=v["agent.tag_interval"],
+            app_interval=v["agent.app_interval"] or None,
+            pre_script=tuple(shlex.split(v["agent.pre_script"])),
+            post_script=tuple(shlex.split(v["agent.post_script"])),
             freeze_timeout=v["agent.freeze_timeout"],
             tls_cert=under_state("tls.cert", state / "tls" / "agent.crt"),
             tls_key=under_state("tls.key", state / "tls" / "agent.key"),

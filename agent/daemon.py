@@ -170,6 +170,8 @@ async def serve(
     rep = Replicator(
         disks, sender, factory, config.state_dir, machine_id=config.machine_id, acks=acks,
         tag_interval=config.tag_interval, freeze_timeout=config.freeze_timeout,
+        app_interval=config.app_interval, pre_script=config.pre_script or None,
+        post_script=config.post_script or None,
         remote_digests=stream_digests(sender, asyncio.get_running_loop()),
     )  # fmt: skip
     status_path = config.state_dir / STATUS_FILE

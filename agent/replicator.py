@@ -49,6 +49,7 @@ from appliance.wire.sender import StreamSender
 
 __all__ = ["AckRelay", "Progress", "Replicator"]
 
+APP_RETRY = 300.0  # a failed app-consistent point is tried again after this (at most)
 log = logging.getLogger(__name__)
 
 TrackerFactory = Callable[[Disk], Tracker]
@@ -76,6 +77,9 @@ class Replicator:
         machine_id: str,
         acks: AckRelay,
         tag_interval: float = 5.0,
+        app_interval: float | None = 3600.0,
+        pre_script: Sequence[str] | None = None,
+        post_script: Sequence[str] | None = None,
         freeze_timeout: float = 1.0,
         chunk: int = CHUNK,
         capture_budget: int = DEFAULT_BUDGET,
@@ -90,6 +94,14 @@ class Replicator:
         self.sender = sender
         self.state_dir = Path(state_dir)
         self.tag_interval = tag_interval
+        # App-consistent points: the user's pre/post scripts around the same freeze,
+        # every `app_interval` s (None: never); the first right after the initial sync.
+        self.app_interval = app_interval
+        self.pre_script = tuple(pre_script) if pre_script else None
+        self.post_script = tuple(post_script) if post_script else None
+        self.last_app_tag_ns: int | None = None
+        self.app_failure: str | None = None  # why the last app-consistent attempt failed
+        self._next_app = 0.0
         self.freeze_timeout = freeze_timeout
         self.chunk = chunk
         self.capture_budget = capture_budget
@@ -132,6 +144,19 @@ class Replicator:
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {run.disk_id: run.status() | {"phase": self.phase} for run in self._runs}
+
+    def set_schedule(
+        self, tag_interval: float, app_interval: float | None,
+        pre_script: Sequence[str] | None, post_script: Sequence[str] | None,
+    ) -> None:  # fmt: skip
+        """The policy changed (the configuration server said so): from the next round."""
+        if app_interval != self.app_interval:
+            self._next_app = 0.0 if self.last_app_tag_ns is None else (
+                time.monotonic() + (app_interval or 0.0)
+            )  # fmt: skip
+        self.tag_interval, self.app_interval = tag_interval, app_interval
+        self.pre_script = tuple(pre_script) if pre_script else None
+        self.post_script = tuple(post_script) if post_script else None
 
     def request_resync(self, generation: int) -> None:
         """Compare every chunk of every disk with the master target's digests and send
@@ -301,7 +326,7 @@ class Replicator:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), min(SEND_INTERVAL, remaining))
                 continue
-            await self._tag_round()
+            await self._tag_round(self._app_due())
             next_tag = time.monotonic() + self.tag_interval
 
     async def _resync(self, run: DiskRun, ranges: DirtyMap) -> None:
@@ -333,6 +358,11 @@ class Replicator:
                 data = await asyncio.to_thread(run.reader.read, at, size)
                 await self._submit_data(run, at, data)
 
+    def _app_failed(self, reason: str) -> None:
+        log.warning("machine %s: app-consistent point skipped: %s", self.machine_id, reason)
+        self.app_failure = reason
+        self._next_app = time.monotonic() + min(self.app_interval or APP_RETRY, APP_RETRY)
+
     async def _submit_data(self, run: DiskRun, offset: int, data: bytes | memoryview) -> None:
         run.seq += 1
         if memoryview(data).tobytes().count(0) == len(data):
@@ -341,7 +371,12 @@ class Replicator:
             await self.sender.submit(Data.raw(run.disk_id, run.seq, offset, data))
             run.bytes_sent += len(data)
 
-    async def _tag_round(self) -> None:
+    def _app_due(self) -> TagKind:
+        if self.app_interval is None or time.monotonic() < self._next_app:
+            return TagKind.CRASH
+        return TagKind.APP
+
+    async def _tag_round(self, kind: TagKind = TagKind.CRASH) -> None:
         tag_id = uuid.uuid4().hex
         hook = None
         if self._on_frozen is not None:
@@ -355,12 +390,20 @@ class Replicator:
         for run in self._runs:
             assert run.tracker is not None
             targets.append((run.tracker, run.fd))
+        app = kind is TagKind.APP
         try:
             results = await asyncio.to_thread(
                 capture_machine, targets, mounts, self.freeze_timeout,
                 budget=self.capture_budget, read_rate=self._read_rate, on_frozen=hook,
+                pre=self.pre_script if app else None, post=self.post_script if app else None,
             )  # fmt: skip
         except AgentError as err:  # nothing was drained: the trackers still hold it all
+            if app:
+                # A broken pre-script must not cost the crash-consistent points: retry
+                # the app-consistent one later, take a crash-consistent one now.
+                self._app_failed(err.message)
+                await self._tag_round(TagKind.CRASH)
+                return
             for run in self._runs:
                 run.untagged(err.message)
             return
@@ -377,9 +420,14 @@ class Replicator:
                     for at, size in split(offset, len(data), self.chunk):
                         await self._submit_data(run, at, view[at - offset : at - offset + size])
                 run.seq += 1
-                await self.sender.submit(Tag(run.disk_id, run.seq, tag_id, TagKind.CRASH, now))
+                await self.sender.submit(Tag(run.disk_id, run.seq, tag_id, kind, now))
                 run.tagged(tag_id, run.seq, now, result.freeze_seconds)
+            if app:
+                self.last_app_tag_ns, self.app_failure = now, None
+                self._next_app = time.monotonic() + (self.app_interval or 0.0)
             return
+        if app:
+            self._app_failed(next(r.reason for r in results if not isinstance(r, Capture)))
         for run, result in zip(self._runs, results, strict=True):
             assert not isinstance(result, Capture)
             run.untagged(result.reason)

@@ -30,6 +30,9 @@ class NotRunning(OperatorError):
 
 class _Replicator(Protocol):
     phase: str
+    app_interval: float | None
+    last_app_tag_ns: int | None
+    app_failure: str | None
 
     def status(self) -> dict[str, dict[str, Any]]: ...
 
@@ -43,6 +46,11 @@ def snapshot(rep: _Replicator, machine_id: str, connection: str, server: str) ->
         "connection": connection,
         "process_server": server,
         "disks": rep.status(),
+        "app_consistent": {
+            "interval_s": rep.app_interval,
+            "last_ns": rep.last_app_tag_ns,
+            "skipped_because": rep.app_failure,
+        },
     }
 
 

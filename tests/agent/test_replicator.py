@@ -296,3 +296,57 @@ def test_untagged_rounds_under_a_tiny_budget_then_a_point_when_quiet(
         uvloop.run(run())
     finally:
         churn.halt.set()
+
+
+def test_app_consistent_points_run_the_scripts_and_a_failing_script_costs_no_point(
+    sites: tuple[RoleDaemon, RoleDaemon],
+    disk: tuple[Disk, Path],
+    tls: TlsMaterial,
+    tmp_path: Path,
+) -> None:
+    """The first point after the initial sync is app-consistent (the pre-script ran
+    before the freeze, the post-script after the thaw) and the master target lists it
+    as "app"; with a pre-script that fails, points keep coming as crash-consistent and
+    status says why the app-consistent one was skipped."""
+    process, target = sites
+    source, _ = disk
+    journal = tmp_path / "scripts.log"
+    pre, post, broken = tmp_path / "pre.sh", tmp_path / "post.sh", tmp_path / "broken.sh"
+    pre.write_text(f"#!/bin/sh\necho pre >> {journal}\n")
+    post.write_text(f"#!/bin/sh\necho post >> {journal}\n")
+    broken.write_text("#!/bin/sh\necho 'database refused to quiesce' >&2\nexit 3\n")
+    for script in (pre, post, broken):
+        script.chmod(0o755)
+
+    async def run() -> None:
+        acks = AckRelay()
+        sender = make_sender(process, tls, acks)
+        rep = Replicator(
+            [source], sender, TracefsTracker, tmp_path / "agent", machine_id=MACHINE,
+            acks=acks, tag_interval=0.3, app_interval=3600.0, pre_script=[str(pre)],
+            post_script=[str(post)],
+        )  # fmt: skip
+        (disk_id,) = rep.disk_ids
+        await sender.start()
+        await rep.start()
+        await rep.wait_initial(timeout=60)
+        async with asyncio.timeout(30):
+            while rep.last_app_tag_ns is None:
+                await asyncio.sleep(0.05)
+        assert journal.read_text().split() == ["pre", "post"]
+        # A policy change: a pre-script that fails, app points due at once.
+        rep.set_schedule(0.3, 1.0, [str(broken)], None)
+        tagged = len(rep.tags(disk_id))
+        async with asyncio.timeout(30):
+            while rep.app_failure is None or len(rep.tags(disk_id)) < tagged + 3:
+                await asyncio.sleep(0.05)
+        assert "exited with 3" in rep.app_failure
+        await rep.stop()
+        last_seq = max(rep.tags(disk_id).values())
+        await target_durable(target, tls, disk_id, last_seq)
+        await sender.close()
+        points = await rpc(target, tls, "points", machine_id=MACHINE)
+        kinds = [p["kind"] for p in sorted(points, key=lambda p: p["time_ns"])]
+        assert kinds.count("app") == 1 and kinds.count("crash") >= 3, kinds
+
+    uvloop.run(run())
