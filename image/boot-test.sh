@@ -116,6 +116,9 @@ boot() {
     ready=$(grep -a -o "$MARK unit=secondsite-targetd.service state=active/running ready_s=[0-9.]*" "$log" \
         | sed 's/.*ready_s=//' | head -n 1 || true)
     [ -n "$ready" ] || problems+=("targetd-not-ready")
+    grep -a -q "$MARK unit=secondsite-configd.service state=active/running" "$log" \
+        || problems+=("configd-not-ready")
+    grep -a -q "$MARK secondsitectl=ok" "$log" || problems+=("secondsitectl")
     if [ -n "$ready" ] && kill -0 "$qpid" 2>/dev/null; then
         if probe=$("$PY" -m tests.image.bootkit probe "$work/pki" "$port" --timeout 90); then
             say "[$fw] targetd answers on 9442: $probe"
