@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.capture import DEFAULT_BUDGET, Capture, capture_machine
-from agent.discovery import Disk
+from agent.discovery import Disk, refresh
 from agent.errors import AgentError
 from agent.replicator_disk import AckRelay, DiskRun, Progress, split
 from agent.resync import RemoteDigests, differing_chunks
@@ -326,6 +326,7 @@ class Replicator:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), min(SEND_INTERVAL, remaining))
                 continue
+            await self._check_disks()
             await self._tag_round(self._app_due())
             next_tag = time.monotonic() + self.tag_interval
 
@@ -370,6 +371,13 @@ class Replicator:
         else:
             await self.sender.submit(Data.raw(run.disk_id, run.seq, offset, data))
             run.bytes_sent += len(data)
+
+    async def _check_disks(self) -> None:
+        """Before each tag: every disk is still the same medium of the same size
+        (DeviceGone / DeviceResized end replication with the reason), and the freeze
+        list follows what is mounted now, not what was mounted at start."""
+        for run in self._runs:
+            run.disk = await asyncio.to_thread(refresh, run.disk)
 
     def _app_due(self) -> TagKind:
         if self.app_interval is None or time.monotonic() < self._next_app:

@@ -18,7 +18,7 @@ import pytest
 import uvloop
 
 from agent.discovery import Disk
-from agent.errors import TrackerUnavailable
+from agent.errors import DeviceResized, TrackerUnavailable
 from agent.remote import stream_digests
 from agent.replicator import AckRelay, Replicator
 from agent.trackers.base import Tracker
@@ -350,3 +350,34 @@ def test_app_consistent_points_run_the_scripts_and_a_failing_script_costs_no_poi
         assert kinds.count("app") == 1 and kinds.count("crash") >= 3, kinds
 
     uvloop.run(run())
+
+
+def test_a_disk_that_grows_ends_replication_with_the_reason(
+    sites: tuple[RoleDaemon, RoleDaemon], tls: TlsMaterial, tmp_path: Path
+) -> None:
+    """A replica sized for the old disk cannot take the new one: replication stops with
+    DeviceResized naming both sizes (the operator re-enables protection), instead of
+    silently replicating only the first part."""
+    process, _ = sites
+    with loop_ext4(tmp_path, MIB) as (device, _):
+        source = find(device)
+
+        async def run() -> None:
+            acks = AckRelay()
+            sender = make_sender(process, tls, acks)
+            rep = Replicator([source], sender, TracefsTracker, tmp_path / "agent",
+                             machine_id=MACHINE, acks=acks, tag_interval=0.2)  # fmt: skip
+            await sender.start()
+            await rep.start()
+            await rep.wait_initial(timeout=60)
+            image = tmp_path / f"disk{MIB}.img"
+            with image.open("r+b") as f:
+                f.truncate((MIB + 8) << 20)
+            subprocess.run(["losetup", "-c", str(device)], check=True)
+            with pytest.raises(DeviceResized, match="grew from"):
+                async with asyncio.timeout(30):
+                    await rep.wait()
+            await rep.stop()
+            await sender.close()
+
+        uvloop.run(run())
