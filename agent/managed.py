@@ -5,6 +5,12 @@ with; each answer says whether to protect, through which process server, and whi
 resync generation is wanted. A `Session` (sender + replicator) exists only while
 protection is on; moving to another process server stops one and starts the next,
 and the replication state on disk carries the progress across (nothing is re-copied).
+
+An answer may also ask for a failback (`{"failback": {"generation": n, "target":
+"host:port"}}`, only while protection is off): replication stays stopped, the disks
+are made equal to their replicas (`agent.failback`) in a background task, and the
+reports carry `failback_done` (the newest generation finished), its figures, or the
+error that stopped it — the configuration server's job waits for these.
 """
 
 from __future__ import annotations
@@ -17,13 +23,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent import failback
 from agent.config import AgentConfig
-from agent.discovery import Disk
+from agent.discovery import Disk, refresh
+from agent.errors import AgentError
 from agent.remote import stream_digests
 from agent.replicator import AckRelay, Replicator
 from agent.state import load as load_state
 from agent.trackers.base import Tracker
 from appliance.settings import host_port, parse_host_port
+from appliance.wire.errors import WireError
 from appliance.wire.sender import StreamSender
 
 log = logging.getLogger("secondsite.agent")
@@ -55,6 +64,9 @@ class Controller:
         self._ssl = ssl_context
         self._lock = asyncio.Lock()
         self._watch: asyncio.Task[None] | None = None
+        self.failback_done = 0
+        self.failback_report: dict[str, Any] = {}  # the last failback's figures or error
+        self._failback: asyncio.Task[None] | None = None
 
     def disk_id(self, disk: Disk) -> str:
         return f"{self.config.machine_id}-{disk.name}"
@@ -87,6 +99,8 @@ class Controller:
             "disks": disks,
             "replicating": rep is not None and rep.phase not in ("failed", "stopped"),
             "resync_done": rep.resync_done if rep else 0,
+            "failback_done": self.failback_done,
+            "failback": self.failback_report,
             "facts": {"hostname": socket.gethostname(), "phase": rep.phase if rep else "idle"},
         }
 
@@ -101,8 +115,11 @@ class Controller:
                 protect = False
             if self.session is not None and (not protect or self.session.address != address):
                 await self._stop()
-            if protect and self.session is None:
+            failing_back = self._failback is not None and not self._failback.done()
+            if protect and self.session is None and not failing_back:
                 await self._start(str(address))
+            elif not protect:
+                self._maybe_fail_back(answer.get("failback"))
             generation = answer.get("resync_generation")
             if self.session is not None and isinstance(generation, int) and generation > 0:
                 self.session.replicator.request_resync(generation)
@@ -110,6 +127,43 @@ class Controller:
     async def close(self) -> None:
         async with self._lock:
             await self._stop()
+            if self._failback is not None:
+                self._failback.cancel()
+                await asyncio.gather(self._failback, return_exceptions=True)
+
+    def _maybe_fail_back(self, request: Any) -> None:
+        """Start the failback an answer asks for, once per generation (a failed one is
+        reported; the configuration server asks again with a new generation)."""
+        running = self._failback is not None and not self._failback.done()
+        if running or not isinstance(request, dict):
+            return
+        generation, address = request.get("generation"), request.get("target")
+        tried = self.failback_report.get("generation", 0)
+        if not isinstance(generation, int) or generation <= max(self.failback_done, tried):
+            return
+        if not isinstance(address, str) or host_port(address) is not None:
+            log.warning("ignoring a failback from a malformed address %r", address)
+            return
+        self.failback_report = {"generation": generation, "running": True}
+        self._failback = asyncio.create_task(self._fail_back(generation, address))
+
+    async def _fail_back(self, generation: int, address: str) -> None:
+        disks = [(d, self.disk_id(d)) for d in self.disks]
+        log.info("failback %d: from the master target %s", generation, address)
+        try:
+            result = await failback.run(address, self._ssl, self.config.machine_id, disks)
+            # The disks were unmounted for it: the next session must not freeze the
+            # mount points of startup (that would freeze whatever holds them now).
+            self.disks = await asyncio.to_thread(lambda: [refresh(d) for d in self.disks])
+        except (AgentError, WireError, OSError, TimeoutError) as exc:
+            message = exc.message if isinstance(exc, AgentError) else str(exc)
+            log.error("failback %d failed: %s", generation, message)
+            self.failback_report = {"generation": generation, "error": message}
+            return
+        log.info("failback %d done: %d bytes received, %d written in %.1f s", generation,
+                 result.bytes_received, result.bytes_written, result.seconds)  # fmt: skip
+        self.failback_report = {"generation": generation, **result.as_dict()}
+        self.failback_done = generation
 
     async def _start(self, address: str) -> None:
         host, port = parse_host_port(address)

@@ -280,6 +280,11 @@ class Config1(SignatureCheckedObject):
         work = lambda: self._api.cancel(_name(machine, "machine"))  # noqa: E731
         self._submit(reply, error, work, _job)
 
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="s", **_ASYNC)
+    def Failback(self, machine: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.failback(_name(machine, "machine"))  # noqa: E731
+        self._submit(reply, error, work, _job)
+
     # -- root only (units/dbus-1/system.d/org.secondsite.Config1.conf) --------------
 
     @dbus.service.method(INTERFACE, in_signature="ssssss", out_signature="a{sv}", **_ASYNC)

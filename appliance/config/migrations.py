@@ -190,7 +190,17 @@ ALTER TABLE machines ADD COLUMN replica TEXT;
 ALTER TABLE machines ADD COLUMN failover TEXT;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+# Failback: the generation asked of the agent, the newest it finished (the job waits
+# for done >= requested), and the figures or error of its last attempt.
+_V3 = """
+ALTER TABLE machines ADD COLUMN failback_requested INTEGER NOT NULL DEFAULT 0
+    CHECK (failback_requested >= 0);
+ALTER TABLE machines ADD COLUMN failback_done INTEGER NOT NULL DEFAULT 0
+    CHECK (failback_done >= 0);
+ALTER TABLE machines ADD COLUMN failback_result TEXT;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 
 
 class SchemaTooNew(ConfigServerError):
@@ -252,7 +262,9 @@ SITE_KINDS = ("primary", "secondary")
 POINT_KINDS = ("crash", "app")
 MAX_NAME = 255
 
-JSON_COLUMNS = frozenset({"stats", "agent", "spec", "params", "result", "replica", "failover"})
+JSON_COLUMNS = frozenset(
+    {"stats", "agent", "spec", "params", "result", "replica", "failover", "failback_result"}
+)
 BOOL_COLUMNS = frozenset({"protection_enabled", "replicating", "initial_done", "resync_required"})
 # SHA-1 (20 bytes, what vSphere shows) or SHA-256 (32), with or without colons.
 _THUMBPRINT = re.compile(r"[0-9A-Fa-f]{2}(?:(?::?[0-9A-Fa-f]{2}){19}|(?::?[0-9A-Fa-f]{2}){31})")
@@ -403,6 +415,9 @@ MACHINE_FIELDS: dict[str, Check] = {
     "agent": opt_json,
     "replica": opt(lambda what, v: json_text(what, replica.check(what, v))),
     "failover": opt_json,
+    "failback_requested": count,
+    "failback_done": count,
+    "failback_result": opt_json,
 }
 DISK_FIELDS: dict[str, Check] = {
     "initial_percent": percent,

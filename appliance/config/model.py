@@ -41,6 +41,7 @@ class JobKind(StrEnum):
     FAILOVER = "failover"
     COMMIT = "commit"
     CANCEL = "cancel"  # a failover not yet committed
+    FAILBACK = "failback"  # of a committed failover: the original machine is the target
 
 
 class JobState(StrEnum):

@@ -9,12 +9,14 @@ transaction per flush (`ReportBuffer.flush`), not one per report.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.config.errors import InvalidArgument
 
 MAX_DISKS = 64
+MAX_FAILBACK_JSON = 16384  # an agent's failback figures: a few numbers per disk
 
 
 def _num(value: Any, what: str, *, minimum: float = 0.0) -> float:
@@ -45,6 +47,8 @@ class AgentReport:
     replicating: bool
     resync_done: int
     facts: dict[str, Any]
+    failback_done: int = 0  # the newest failback generation the agent finished
+    failback: dict[str, Any] = field(default_factory=dict)  # its figures, or its error
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> AgentReport:
@@ -73,7 +77,20 @@ class AgentReport:
             bool(params.get("replicating", False)),
             int(_num(params.get("resync_done", 0), "resync_done")),
             {str(k): v for k, v in facts.items() if isinstance(v, str | int | float | bool)},
+            int(_num(params.get("failback_done", 0), "failback_done")),
+            _failback(params.get("failback", {})),
         )
+
+
+def _failback(value: Any) -> dict[str, Any]:
+    """The figures are stored and shown as sent; only their shape and size are checked."""
+    if not isinstance(value, dict):
+        raise InvalidArgument("failback must be an object")
+    if value:
+        _num(value.get("generation"), "failback.generation")
+        if len(json.dumps(value)) > MAX_FAILBACK_JSON:
+            raise InvalidArgument(f"failback is larger than {MAX_FAILBACK_JSON} bytes of JSON")
+    return value
 
 
 @dataclass(frozen=True)

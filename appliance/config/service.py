@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance import __version__
-from appliance.config import failover, health, protection
+from appliance.config import failback, failover, health, protection
 from appliance.config.api import (
     AlertChanged,
     MachineStateChanged,
@@ -102,6 +102,7 @@ class ConfigService:
         if target_call is not None and vcenters is not None:
             ops = failover.ServiceOps(target_call, vcenters, self.agent_alive)
             definitions |= failover.definitions(ops)
+            definitions |= failback.definitions(ops)
         self.engine = JobEngine(inventory, definitions, self._emit, clock, poll=settings.job_poll)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -209,8 +210,16 @@ class ConfigService:
         self._buffer.machine(
             name, last_seen=now, replicating=report.replicating, resync_done=report.resync_done
         )
-        if report.replicating != bool(machine["replicating"]) or report.resync_done != int(
-            machine["resync_done"]
+        moved: dict[str, Any] = {}
+        if report.failback_done > int(machine["failback_done"]):  # never backwards
+            moved["failback_done"] = report.failback_done
+        if report.failback and report.failback != machine["failback_result"]:
+            moved["failback_result"] = report.failback
+        self._buffer.machine(name, **moved)
+        if (
+            moved
+            or report.replicating != bool(machine["replicating"])
+            or report.resync_done != int(machine["resync_done"])
         ):
             self.flush()  # a job waits for exactly this
             self.engine.poke(name)
@@ -230,6 +239,16 @@ class ConfigService:
         if machine["process_server"]:
             server = self.inventory.server(machine["process_server"])
             answer["process_server"] = server["address"]
+        if machine["failback_requested"] > machine["failback_done"] and machine["master_target"]:
+            # Only while the failback job runs: a request it left behind when it failed
+            # must not start a transfer later (the agent forgets what it tried).
+            job = self.inventory.active_job_for(machine["name"])
+            if job is not None and job["kind"] == JobKind.FAILBACK:
+                target = self.inventory.server(machine["master_target"])["address"]
+                answer["failback"] = {
+                    "generation": int(machine["failback_requested"]),
+                    "target": target,
+                }
         return answer
 
     def _process_report(self, name: str, params: dict[str, Any], now: float) -> Record:
@@ -571,6 +590,9 @@ class ConfigService:
 
     async def cancel(self, machine: str) -> str:
         return self._failover_job(JobKind.CANCEL, machine, {})
+
+    async def failback(self, machine: str) -> str:
+        return self._failover_job(JobKind.FAILBACK, machine, {})
 
     async def passphrase(self, rotate: bool) -> Record:
         now = self._clock()

@@ -293,6 +293,10 @@ def _add_failover(add: Callable[..., argparse.ArgumentParser]) -> None:
     job("cancel", failover.cmd_cancel,
         "undo a failover that is not committed: remove the VM, protect again",
         "cancel web01 --wait")  # fmt: skip
+    job("failback", failover.cmd_failback,
+        "after a committed failover: power the VM off, bring the original machine's disks "
+        "level with it (only what differs travels), protect it again",
+        "failback web01 --wait")  # fmt: skip
     replica = add("replica", failover.cmd_replica_set,
                   "set where the machine's VM goes at failover, from a JSON file ('-': stdin; "
                   "keys in appliance/config/replica.py)", "replica web01 replica.json")  # fmt: skip

@@ -43,6 +43,10 @@ def cmd_cancel(ctx: Context, args: argparse.Namespace) -> int:
     return _start_job(ctx, args, ctx.call("Cancel", args.machine))
 
 
+def cmd_failback(ctx: Context, args: argparse.Namespace) -> int:
+    return _start_job(ctx, args, ctx.call("Failback", args.machine))
+
+
 def cmd_replica_set(ctx: Context, args: argparse.Namespace) -> int:
     try:
         settings = json.loads(Path(args.file).read_text() if args.file != "-" else input())

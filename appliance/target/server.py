@@ -16,6 +16,8 @@ checkpoints, reads the chunks from the replica and digests them. Its reply is se
 after the ACK that checkpoint produced. The connection's read loop does not wait for
 it (pings and DATA keep flowing), but a connection has at most
 `MAX_DIGESTS_IN_FLIGHT` requests queued: beyond that, reading waits for a slot.
+A READ_REQUEST (failback: the original machine fetches the replica's bytes) takes the
+same path and shares those slots, so it too sees everything sent before it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +65,8 @@ from appliance.wire.messages import (
     OpenDisk,
     Ping,
     Pong,
+    ReadReply,
+    ReadRequest,
     Request,
     Tag,
     Welcome,
@@ -87,20 +93,26 @@ class DiskStats:
     tags: int = 0
     digest_requests: int = 0
     digest_chunks: int = 0
+    reads: int = 0
+    read_bytes: int = 0
     last_ack_ns: int = 0
+
+
+Reply = DigestReply | ReadReply
 
 
 @dataclass(eq=False)
 class _DigestJob:
-    """A digest request waiting in a disk's queue behind the frames sent before it.
+    """A digest (or read) request waiting in a disk's queue behind the frames sent
+    before it.
 
     The apply thread fills in `reply` or `error`; `done` is resolved on the event loop
     (asyncio futures are not thread-safe), after the ACK of the checkpoint went out.
     """
 
-    request: DigestRequest
-    done: asyncio.Future[DigestReply]
-    reply: DigestReply | None = None
+    request: DigestRequest | ReadRequest
+    done: asyncio.Future[Reply]
+    reply: Reply | None = None
     error: WireError | None = None
 
     def resolve(self) -> None:
@@ -198,12 +210,22 @@ class DiskStream:
         durable = await loop.run_in_executor(self.executor, self.replica.checkpoint)
         self._acknowledge(durable)
 
-    def digest(self, conn: Connection, request: DigestRequest) -> asyncio.Future[DigestReply]:
-        """Queue a digest request behind everything `conn` sent before it; the future
-        gives the reply (or a WireError if the stream failed first)."""
+    def digest(
+        self, conn: Connection, request: DigestRequest | ReadRequest
+    ) -> asyncio.Future[Reply]:
+        """Queue a digest or read request behind everything `conn` sent before it; the
+        future gives the reply (or a WireError if the stream failed first)."""
         self._check_owner(conn)
+        if isinstance(request, ReadRequest):
+            if request.offset + request.length > self.replica.size:
+                raise InvalidRequest(
+                    f"read of {request.length} at {request.offset} is beyond disk "
+                    f"{self.disk_id} ({self.replica.size} bytes)"
+                )
+            self.stats.reads += 1
+        else:
+            self.stats.digest_requests += 1
         job = _DigestJob(request, asyncio.get_running_loop().create_future())
-        self.stats.digest_requests += 1
         self._idle.clear()
         self._queue.put_nowait(job)
         return job.done
@@ -327,12 +349,31 @@ class DiskStream:
         with replica.maintenance():
             replica.checkpoint()
             try:
+                if isinstance(req, ReadRequest):
+                    job.reply = self._read(req)
+                    return
                 digests = replica_digests(replica.flat, replica.size, req.chunk_size, req.chunks)
             except OSError as exc:
                 job.error = StorageFailure(f"disk {self.disk_id}: reading for digests: {exc}")
                 return
         self.stats.digest_chunks += len(digests)
         job.reply = DigestReply(self.disk_id, req.request_id, req.chunk_size, tuple(digests))
+
+    def _read(self, req: ReadRequest) -> ReadReply:
+        """The replica's bytes for a read request (bounds checked when it was queued)."""
+        data = bytearray(req.length)
+        fd = os.open(self.replica.flat, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            done = 0
+            while done < req.length:
+                got = os.preadv(fd, [memoryview(data)[done:]], req.offset + done)
+                if got == 0:  # the flat file is the disk's size: it was truncated under us
+                    raise OSError(errno.EIO, f"replica ends at {req.offset + done}")
+                done += got
+        finally:
+            os.close(fd)
+        self.stats.read_bytes += req.length
+        return ReadReply.of(self.disk_id, req.request_id, req.offset, data)
 
     def _acknowledge(self, durable: int) -> None:
         if durable <= self.acked_seq:
@@ -425,7 +466,7 @@ class TargetService:
                     return
                 if isinstance(msg, Data | Tag):
                     self._stream_of(msg.disk_id).accept(conn, msg)
-                elif isinstance(msg, DigestRequest):
+                elif isinstance(msg, DigestRequest | ReadRequest):
                     stream = self._stream_of(msg.disk_id)
                     # Back-pressure: with MAX_DIGESTS_IN_FLIGHT queued, stop reading. (If
                     # digest() raises, this connection ends and its slots with it.)
@@ -455,7 +496,7 @@ class TargetService:
         return stream
 
     async def _send_digests(
-        self, conn: Connection, reply: asyncio.Future[DigestReply], slots: asyncio.Semaphore
+        self, conn: Connection, reply: asyncio.Future[Reply], slots: asyncio.Semaphore
     ) -> None:
         """Send a digest reply once the apply thread made it (in its own task, so the
         connection's read loop goes on meanwhile)."""

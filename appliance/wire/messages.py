@@ -25,6 +25,9 @@ type  message        body
 13    DigestRequest  str disk_id, u64 request_id, u32 chunk_size, u32 n, n x u64 chunk
 14    DigestReply    str disk_id, u64 request_id, u32 chunk_size, u32 n,
                      n x (u64 chunk, 16 bytes digest)
+15    ReadRequest    str disk_id, u64 request_id, u64 offset, u32 length
+16    ReadReply      str disk_id, u64 request_id, u64 offset, u32 length, u8 encoding,
+                     rest payload
 ====  =============  =======================================================================
 
 Sequence numbers are per disk and start at 1 (DATA and TAG share them, so seq 0 is
@@ -44,6 +47,13 @@ positive multiple of 512 up to 16 MiB (MAX_DIGEST_CHUNK_SIZE) and n is at most 1
 distinct requested chunk inside the disk, ascending; chunks at or beyond the disk's
 end are left out. The digests describe the replica after everything the same
 connection sent for that disk before the request.
+
+READ_REQUEST asks the receiver of a disk's stream for the replica's bytes [offset,
+offset + length) (failback: the original machine fetches the chunks whose digests
+differ). offset and length are multiples of 512, 0 < length <= 4 MiB (MAX_READ), so a
+RAW reply always fits a frame. The READ_REPLY carries them RAW, ZSTD or ZERO, with the
+same payload rules as DATA; SAME is refused. Like digests, the bytes describe the
+replica after everything the same connection sent for that disk before the request.
 
 An Error's code is kept even when this version does not know it: `Error.code` is then
 the plain int (an `ErrorCode` otherwise), so a newer peer's error still decodes.
@@ -76,6 +86,8 @@ MAX_EXTENT = 64 * 1024 * 1024  # bounds what one DATA may decode to (zstd bombs)
 MAX_DIGEST_CHUNKS = 16384
 MAX_DIGEST_CHUNK_SIZE = 16 * 1024 * 1024
 DIGEST_SIZE = 16  # appliance.digest.DIGEST_SIZE; the wire fixes it, the reply checks it
+# One read asks for at most this much: a RAW reply stays well inside MAX_BODY (8 MiB).
+MAX_READ = 4 * 1024 * 1024
 _SECTOR = 512
 
 _U8 = struct.Struct("!B")
@@ -88,6 +100,8 @@ _TAG_TAIL = struct.Struct("!BQ")  # kind, timestamp_ns
 _WELCOME_TAIL = struct.Struct("!QI")  # window_bytes, max_body
 _DIGEST_HEAD = struct.Struct("!QII")  # request_id, chunk_size, count
 _DIGEST_ENTRY = struct.Struct(f"!Q{DIGEST_SIZE}s")  # chunk, digest
+_READ_FIXED = struct.Struct("!QQI")  # request_id, offset, length
+_READ_REPLY_FIXED = struct.Struct("!QQIB")  # request_id, offset, length, encoding
 
 
 class MsgType(IntEnum):
@@ -105,6 +119,8 @@ class MsgType(IntEnum):
     RESPONSE = 12
     DIGEST_REQUEST = 13
     DIGEST_REPLY = 14
+    READ_REQUEST = 15
+    READ_REPLY = 16
 
 
 class Encoding(IntEnum):
@@ -538,6 +554,118 @@ class DigestReply:
         return cls(disk_id, request_id, chunk_size, digests)
 
 
+def _read_shape_problem(offset: int, length: int) -> str | None:
+    if offset % _SECTOR or length % _SECTOR or not 0 < length <= MAX_READ:
+        return f"read of {length} at {offset} is not sector-aligned or not in (0, {MAX_READ}]"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """Ask for the replica's bytes [offset, offset + length) (failback)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.READ_REQUEST
+    disk_id: str
+    request_id: int
+    offset: int
+    length: int
+
+    def encode(self) -> list[Buffer]:
+        problem = _read_shape_problem(self.offset, self.length)
+        if problem:
+            raise ValueError(f"READ_REQUEST: {problem}")
+        return [_str(self.disk_id) + _pack(_READ_FIXED, self.request_id, self.offset, self.length)]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "READ_REQUEST")
+        disk_id = r.text()
+        request_id, offset, length = r.fixed(_READ_FIXED)
+        r.end()
+        problem = _read_shape_problem(offset, length)
+        if problem:
+            raise MalformedBody(f"READ_REQUEST: {problem}")
+        return cls(disk_id, request_id, offset, length)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadReply:
+    """The bytes a ReadRequest asked for, RAW, ZSTD or ZERO (payload rules of DATA)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.READ_REPLY
+    disk_id: str
+    request_id: int
+    offset: int
+    length: int
+    encoding: Encoding
+    payload: bytes | memoryview = field(repr=False)
+
+    @classmethod
+    def of(cls, disk_id: str, request_id: int, offset: int, data: Body | memoryview) -> Self:
+        """The cheapest encoding of `data`: ZERO, zstd when it saves, else RAW (kept as
+        given, not copied)."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        if view.tobytes().count(0) == length:
+            return cls(disk_id, request_id, offset, length, Encoding.ZERO, b"")
+        packed = zstandard.ZstdCompressor(level=1).compress(view)
+        if len(packed) < length:
+            return cls(disk_id, request_id, offset, length, Encoding.ZSTD, packed)
+        return cls(disk_id, request_id, offset, length, Encoding.RAW, view)
+
+    @property
+    def wire_size(self) -> int:
+        return buffer_size(self.payload)
+
+    def decoded(self) -> bytes | memoryview:
+        """The `length` bytes at `offset` (MalformedBody if a zstd payload lies)."""
+        if self.encoding is Encoding.RAW:
+            return self.payload
+        if self.encoding is Encoding.ZERO:
+            return bytes(self.length)
+        try:
+            return decompress(self.payload, self.length)
+        except ValueError as exc:
+            raise MalformedBody(f"READ_REPLY {self.request_id}: bad zstd payload: {exc}") from exc
+
+    def encode(self) -> list[Buffer]:
+        size = self.wire_size
+        problem = _read_shape_problem(self.offset, self.length) or _reply_payload_problem(
+            self.encoding, size, self.length
+        )
+        if problem:
+            raise ValueError(f"READ_REPLY: {problem}")
+        fixed = _pack(_READ_REPLY_FIXED, self.request_id, self.offset, self.length, self.encoding)
+        head = _str(self.disk_id) + fixed
+        return [head, self.payload] if size else [head]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "READ_REPLY")
+        disk_id = r.text()
+        request_id, offset, length, encoding = r.fixed(_READ_REPLY_FIXED)
+        enc: Encoding = r.enum(Encoding, encoding)
+        payload = r.rest_view()
+        problem = _read_shape_problem(offset, length) or _reply_payload_problem(
+            enc, len(payload), length
+        )
+        if problem:
+            raise MalformedBody(f"READ_REPLY: {problem}")
+        return cls(disk_id, request_id, offset, length, enc, payload)
+
+
+def _reply_payload_problem(enc: Encoding, size: int, length: int) -> str | None:
+    if enc is Encoding.SAME:
+        return "SAME is not a reply encoding"
+    if enc is Encoding.RAW and size != length:
+        return f"RAW with {size} payload bytes for length {length}"
+    if enc is Encoding.ZERO and size:
+        return f"ZERO with {size} payload bytes"
+    if enc is Encoding.ZSTD and not size:
+        return "ZSTD with an empty payload"
+    return None
+
+
 def _json_body(raw: bytes, what: str) -> Any:
     try:
         return json.loads(raw) if raw else None
@@ -617,6 +745,8 @@ Message = (
     | Response
     | DigestRequest
     | DigestReply
+    | ReadRequest
+    | ReadReply
 )
 
 MESSAGE_TYPES: dict[int, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}

@@ -219,6 +219,10 @@ class FakeConfig:
         self._machine(machine)
         return "job-cancel"
 
+    async def failback(self, machine: str) -> str:
+        self._machine(machine)
+        return "job-failback"
+
     def summary(self) -> Summary:
         return Summary("1.2.3", 3, 2, 1, 4, -1.0)
 
@@ -358,7 +362,7 @@ def test_changes_round_trip(client: Config1Client, api: FakeConfig) -> None:
     assert ("test_failover", ("web01", "", {"eth0": "VM Network"})) in api.calls
     assert client.call("Failover", "web01", "t-5", "planned") == "job-failover"
     assert ("failover", ("web01", "t-5", "planned")) in api.calls
-    for method in ("Cleanup", "Commit", "Cancel"):
+    for method in ("Cleanup", "Commit", "Cancel", "Failback"):
         assert client.call(method, "web01") == f"job-{method.lower()}"
     assert client.call("SetReplica", "web01", {"cpus": 2}) == {"cpus": 2}
     assert client.call("ListVCenters") == [{"name": "vc-dr", "address": "vc:443", "site": "dr"}]

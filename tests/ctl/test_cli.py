@@ -160,6 +160,7 @@ def _answers() -> dict[str, Any]:
         "Failover": "j-22",
         "Commit": "j-23",
         "Cancel": "j-24",
+        "Failback": "j-25",
         "SetReplica": lambda machine, settings: settings,
         "ListVCenters": [{"name": "vc-dr", "site": "dr", "address": "vc:443"}],
         "RegisterVCenter": lambda *a: {"name": a[0], "address": a[2], "thumbprint": a[5]},
@@ -237,7 +238,8 @@ def test_help_lists_every_command_and_exit_status() -> None:
     for command in (
         "status", "machines", "disks", "points", "servers", "jobs", "job", "alerts", "events",
         "policies", "protect", "unprotect", "resync", "policy", "passphrase", "revoke",
-        "test-failover", "cleanup", "failover", "commit", "cancel", "replica", "vcenters",
+        "test-failover", "cleanup", "failover", "commit", "cancel", "failback", "replica",
+        "vcenters",
         "vcenter-add",
     ):  # fmt: skip
         # a long name gets its own line, its help on the next
@@ -617,7 +619,9 @@ def test_failover_family(ctl: Run, tmp_path: Path) -> None:
     assert ctl("failover", "web01").client.calls == [("Failover", ("web01", "", "planned"))]
     result = ctl("failover", "web01", "--unplanned", "--point", "latest-app")
     assert result.client.calls == [("Failover", ("web01", "latest-app", "unplanned"))]
-    for command, job in (("cleanup", "j-21"), ("commit", "j-23"), ("cancel", "j-24")):
+    for command, job in (
+        ("cleanup", "j-21"), ("commit", "j-23"), ("cancel", "j-24"), ("failback", "j-25"),
+    ):  # fmt: skip
         assert ctl(command, "web01").out == f"{job}\n"
 
 

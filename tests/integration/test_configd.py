@@ -118,3 +118,40 @@ def test_configd_killed_mid_protect_job_finishes_it_once(site: Site, tmp_path: P
         site.wait(
             "web2 protected", lambda: (m := machine(site, "web2")) and m["state"] == "protected"
         )
+
+
+def test_revoking_an_agent_cuts_it_off_everywhere(site: Site, tmp_path: Path) -> None:
+    """The process server learns the revoked serial from its next report and cuts the
+    agent's live connection; the agent's reconnects are refused at the handshake."""
+    import time
+
+    from appliance.config.ca import CertificateAuthority
+    from appliance.config.model import ComponentKind
+    from appliance.lab.rpc import call
+
+    target = site.role("target", "appliance.target",
+                       f'[storage]\ndatastore = "{tmp_path / "datastore"}"\n')  # fmt: skip
+    site.enrol(target)
+    target.start()
+    process = site.role("process", "appliance.process",
+                        f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
+    site.enrol(process)
+    process.start()
+    ca = CertificateAuthority.open_or_create(site.configd.state_dir / "ca")
+    cert, key = ca.issue_local("test-admin", ComponentKind.ADMIN, [], tmp_path / "admin")
+    creds = (cert, key, ca.ca_path)
+
+    def agent_connected() -> bool:
+        disks = call(process.port, creds, "status", timeout=10)["disks"]
+        return any(d["connected"] for d in disks)
+
+    with loop_ext4(tmp_path, 32) as (device, _):
+        site.agent(device)
+        site.wait("web1 protected",
+                  lambda: (m := machine(site, "web1")) and m["state"] == "protected")  # fmt: skip
+        assert agent_connected()
+        site.ctl("revoke", "web1")
+        site.wait("the process server cutting the agent", lambda: not agent_connected(), 30)
+        time.sleep(3)  # the agent keeps trying: every attempt is refused
+        assert not agent_connected()
+        assert any(e["kind"] == "revoked" for e in site.ctl_json("events", "-n", "50"))

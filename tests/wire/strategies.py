@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import zstandard
 from hypothesis import strategies as st
 
 from appliance.wire.errors import ErrorCode
@@ -11,6 +12,7 @@ from appliance.wire.messages import (
     DIGEST_SIZE,
     MAX_DIGEST_CHUNK_SIZE,
     MAX_EXTENT,
+    MAX_READ,
     MAX_STR,
     Ack,
     Data,
@@ -24,6 +26,8 @@ from appliance.wire.messages import (
     OpenDisk,
     Ping,
     Pong,
+    ReadReply,
+    ReadRequest,
     Request,
     Response,
     Tag,
@@ -65,6 +69,22 @@ DIGESTS = st.lists(
     st.tuples(U64, st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE)), max_size=40
 ).map(tuple)
 
+SECTOR_OFFSET = st.integers(0, (2**64 - 1) // 512).map(lambda n: n * 512)
+READ_LENGTH = st.integers(1, MAX_READ // 512).map(lambda n: n * 512)
+
+
+@st.composite
+def read_replies(draw: st.DrawFn) -> ReadReply:
+    disk, request_id, offset = draw(TEXT), draw(U64), draw(SECTOR_OFFSET)
+    enc = draw(st.sampled_from([Encoding.RAW, Encoding.ZSTD, Encoding.ZERO]))
+    if enc is Encoding.ZERO:
+        return ReadReply(disk, request_id, offset, draw(READ_LENGTH), enc, b"")
+    data = draw(st.binary(min_size=1, max_size=4).map(lambda b: b * 512))  # 512..2048 bytes
+    if enc is Encoding.RAW:
+        return ReadReply(disk, request_id, offset, len(data), enc, data)
+    return ReadReply(disk, request_id, offset, len(data), enc, zstandard.compress(data))
+
+
 MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, TEXT, TEXT),
     st.builds(Welcome, TEXT, U64, U32),
@@ -80,4 +100,6 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(Response, U64, st.booleans(), st.binary(max_size=256)),
     st.builds(DigestRequest, TEXT, U64, CHUNK_SIZE, CHUNKS),
     st.builds(DigestReply, TEXT, U64, CHUNK_SIZE, DIGESTS),
+    st.builds(ReadRequest, TEXT, U64, SECTOR_OFFSET, READ_LENGTH),
+    read_replies(),
 )

@@ -31,6 +31,8 @@ from appliance.wire.messages import (
     OpenDisk,
     Ping,
     Pong,
+    ReadReply,
+    ReadRequest,
     Request,
     Response,
     Tag,
@@ -57,6 +59,9 @@ FIXED: list[Message] = [
     DigestRequest("disk-0", 5, 65536, (0, 3, 2**64 - 1)),
     DigestRequest("disk-0", 6, 512, ()),
     DigestReply("disk-0", 5, 65536, ((0, b"\x01" * 16), (3, bytes(16)))),
+    ReadRequest("disk-0", 8, 1 << 30, 4 << 20),
+    ReadReply("disk-0", 8, 4096, 512, Encoding.RAW, b"r" * 512),
+    ReadReply("disk-0", 9, 0, 4 << 20, Encoding.ZERO, b""),
 ]
 
 
