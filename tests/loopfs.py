@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,3 +103,14 @@ def loop_ext4(directory: Path, mib: int) -> Iterator[tuple[Path, Path]]:
         finally:
             if mounted:
                 subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def remount_read_only(mountpoint: Path) -> None:
+    # EBUSY while the agent holds its freeze for a tag: that lasts under a second.
+    for _ in range(20):
+        done = subprocess.run(["mount", "-o", "remount,ro", str(mountpoint)],
+                              check=False, capture_output=True, text=True)  # fmt: skip
+        if done.returncode == 0:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"remount,ro of {mountpoint} failed: {done.stderr}")

@@ -34,6 +34,7 @@ from appliance.config.failover_base import (
     record_result,
     replica_settings,
     set_failover,
+    unfence,
 )
 from appliance.config.jobs import Definitions, JobContext, JobFailed, Step
 from appliance.config.model import JobKind, MachineState
@@ -58,6 +59,7 @@ def definitions(ops: FailoverOps) -> Definitions:
             Step("request", _request),
             Step("transfer", _transferred, timeout=TRANSFER_WAIT),
             Step("vm", lambda ctx: drop_vm(ctx, ops, job_result(ctx))),
+            Step("unfence", lambda ctx: unfence(ctx, ops)),
             Step("resync", _request_resync),
             Step("protect", _reprotect),
             Step("resumed", _resumed, timeout=RESUME_WAIT),

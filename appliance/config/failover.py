@@ -40,6 +40,8 @@ from appliance.config.failover_base import (
     replica_settings,
     set_failover,
     target,
+    target_or_fail,
+    unfence,
 )
 from appliance.config.jobs import Definitions, JobContext, JobFailed, Step
 from appliance.config.model import JobKind, MachineState
@@ -96,12 +98,13 @@ def definitions(ops: FailoverOps) -> Definitions:
         ]
 
     def commit(params: dict[str, Any]) -> list[Step]:
-        return [Step("commit", _commit)]
+        return [Step("commit", _commit), Step("points", lambda ctx: _drop_points(ctx, ops))]
 
     def cancel(params: dict[str, Any]) -> list[Step]:
         return [
             Step("check", _cancel_check),
             Step("vm", lambda ctx: drop_vm(ctx, ops, job_result(ctx))),
+            Step("unfence", lambda ctx: unfence(ctx, ops)),
             Step("resync", _request_resync),
             Step("protect", _reprotect),
         ]
@@ -201,9 +204,14 @@ async def _commit(ctx: JobContext) -> bool:
         return True
     if state != FailoverState.FAILED_OVER:
         raise JobFailed(f"{ctx.subject} is not failed over; there is nothing to commit")
-    # The journal stays until the master target can discard it (a target RPC to come).
     set_failover(ctx, "failover", {**current, "state": FailoverState.COMMITTED.value})
     ctx.inventory.set_machine_state(ctx.subject, MachineState.FAILOVER_COMMITTED, ctx.clock())
+    return True
+
+
+async def _drop_points(ctx: JobContext, ops: FailoverOps) -> bool:
+    # The VM writes to the replica with no journal: no older point describes it now.
+    await target_or_fail(ctx, ops, "drop_points", machine_id=ctx.subject)
     return True
 
 

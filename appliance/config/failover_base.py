@@ -129,6 +129,13 @@ async def target_or_fail(ctx: JobContext, ops: FailoverOps, method: str, **param
         raise JobFailed(exc.message) from None
 
 
+async def unfence(ctx: JobContext, ops: FailoverOps) -> bool:
+    """Let the master target apply the machine's stream again (it fenced the disks at
+    the failover's rollback); idempotent. Always before protection is switched back on."""
+    await target_or_fail(ctx, ops, "unfence", machine_id=ctx.subject)
+    return True
+
+
 async def in_vcenter(
     ops: FailoverOps, settings: ReplicaSettings, action: str, work: Callable[[Session], T]
 ) -> T:

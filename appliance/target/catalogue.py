@@ -1,13 +1,14 @@
 """The recovery-point catalogue: SQLite in WAL mode at ``<state>/catalogue.db``.
 
-Schema (version 1; migrations are the ordered functions in ``MIGRATIONS``, the applied
+Schema (version 2; migrations are the ordered functions in ``MIGRATIONS``, the applied
 count is the single row of ``schema_version``)::
 
     disks(disk_id TEXT PRIMARY KEY, machine_id TEXT NOT NULL, size INTEGER NOT NULL,
           vmdk TEXT NOT NULL,            -- descriptor path of the replica
           durable_seq INTEGER NOT NULL,  -- the replica holds the stream up to this seq
           checkpoint_lsn INTEGER NOT NULL,  -- journal end when durable_seq was reached
-          created INTEGER NOT NULL)      -- time_ns
+          created INTEGER NOT NULL,      -- time_ns
+          fenced INTEGER NOT NULL DEFAULT 0)  -- 1: failed over, incoming data dropped
     points(disk_id TEXT REFERENCES disks, tag_id TEXT, seq INTEGER, lsn INTEGER,
            time_ns INTEGER, kind TEXT ('crash'|'app'), usable INTEGER (0|1),
            PRIMARY KEY (disk_id, tag_id))
@@ -82,7 +83,11 @@ def _v1(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX disks_by_machine ON disks (machine_id)")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1,)
+def _v2(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE disks ADD COLUMN fenced INTEGER NOT NULL DEFAULT 0")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
 
 _DISK_COLS = "disk_id, machine_id, size, vmdk, durable_seq, checkpoint_lsn, created"
 _POINT_COLS = "p.disk_id, p.tag_id, p.seq, p.lsn, p.time_ns, p.kind, p.usable"
@@ -191,6 +196,21 @@ class Catalogue:
             sql += " WHERE machine_id = ?"
             args = (machine_id,)
         return [DiskRow(*r) for r in self._conn().execute(sql + " ORDER BY disk_id", args)]
+
+    def fenced(self, disk_id: str) -> bool:
+        row = self._conn().execute("SELECT fenced FROM disks WHERE disk_id = ?", (disk_id,))
+        value = row.fetchone()
+        return bool(value and value[0])
+
+    def set_fenced(self, disk_id: str, fenced: bool) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE disks SET fenced = ? WHERE disk_id = ?", (int(fenced), disk_id))
+
+    def drop_points(self, disk_id: str) -> int:
+        """Forget every point of the disk (a committed failover: the VM wrote to the
+        replica without a journal, so no older point describes it any more)."""
+        with self.transaction() as conn:
+            return conn.execute("DELETE FROM points WHERE disk_id = ?", (disk_id,)).rowcount
 
     def set_checkpoint(self, disk_id: str, durable_seq: int, checkpoint_lsn: int) -> None:
         with self.transaction() as conn:

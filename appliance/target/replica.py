@@ -120,6 +120,7 @@ class DiskReplica:
         self._checkpoint_lsn = checkpoint_lsn
         self._pending = 0
         self._unsynced = False
+        self._fenced = catalogue.fenced(disk_id)
         self._closed = False
         try:
             self._fd = os.open(flat, os.O_RDWR | os.O_CLOEXEC)
@@ -187,10 +188,26 @@ class DiskReplica:
 
     # -- the apply calls ---------------------------------------------------------------
 
+    @property
+    def fenced(self) -> bool:
+        return self._fenced
+
+    def fence(self, on: bool) -> None:
+        """Fenced (a failover rolled the replica back and a VM may run on it): changes
+        and tags still arriving (a process server draining its spool) are acknowledged
+        and dropped, never applied, so nothing written after the failover point lands
+        under the VM. Unfencing (cancel, failback) lets the stream apply again; the
+        configuration server follows it with a checksum resync."""
+        with self._lock:
+            self._heal()
+            self.checkpoint()
+            self._catalogue.set_fenced(self._disk_id, on)
+            self._fenced = on
+
     def write(self, seq: int, offset: int, data: bytes | memoryview) -> None:
         """Apply change ``seq``: ``data`` at byte ``offset``. Replays are ignored."""
         with self._lock:
-            if not self._admit(seq):
+            if not self._admit(seq) or self._dropped(seq):
                 return
             view = memoryview(data)
             self._check_extent(offset, view.nbytes)
@@ -201,7 +218,7 @@ class DiskReplica:
     def write_zero(self, seq: int, offset: int, length: int) -> None:
         """Apply change ``seq``: zeros over ``[offset, offset+length)`` (a hole)."""
         with self._lock:
-            if not self._admit(seq):
+            if not self._admit(seq) or self._dropped(seq):
                 return
             self._check_extent(offset, length)
             self._accept(seq, offset, length, None)
@@ -222,6 +239,9 @@ class DiskReplica:
             raise InvalidName(f"invalid tag id {tag_id!r}: 1-{MAX_TAG_ID} printable characters")
         with self._lock:
             if not self._admit(seq):
+                return
+            if self._dropped(seq):  # no point: the replica is not the stream's image
+                self.checkpoint()
                 return
             self._make_durable()
             lsn = self._journal.end_lsn
@@ -285,6 +305,9 @@ class DiskReplica:
         with self._lock:
             self._heal()
             self.checkpoint()
+            # The stream's numbering goes on after the rollback: what the senders hold
+            # (acknowledged, after the point) must read as replays, not as a gap.
+            resume_seq = self._durable_seq
             with self._journal.exclusive():
                 for _ in self._journal.read(point.lsn):
                     pass  # check every CRC first: afterwards there is no way back
@@ -295,8 +318,17 @@ class DiskReplica:
                 self._checkpoint_lsn = point.lsn
                 self._needs_recovery = True
                 self._recover()
+            if resume_seq > point.seq:
+                lsn = self._journal.end_lsn
+                self._catalogue.set_checkpoint(self._disk_id, resume_seq, lsn)
+                self._set_durable(resume_seq, lsn)
 
     # -- internals -------------------------------------------------------------------
+
+    def _dropped(self, seq: int) -> bool:
+        if self._fenced:
+            self._applied_seq = seq  # acknowledged (durable at the next checkpoint), unused
+        return self._fenced
 
     def _admit(self, seq: int) -> bool:
         if self._closed:

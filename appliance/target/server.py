@@ -589,16 +589,15 @@ class TargetService:
             )
             return {"discarded": [p.name for p in removed]}
         if method == "rollback":
+            # Streams may still be attached (a process server draining its spool): the
+            # rollback fences the disks first, so whatever arrives later is dropped.
             machine = str(params["machine_id"])
-            busy = [
-                s.disk_id
-                for s in self._streams.values()
-                if s.replica.machine_id == machine and s.owner is not None
-            ]
-            if busy:
-                raise InvalidRequest(f"disks {busy} are still streaming; stop replication first")
             self.store.rollback(machine, str(params["tag_id"]))
-            return {"rolled_back": machine}
+            return {"rolled_back": machine, "fenced": True}
+        if method == "unfence":
+            return {"unfenced": self.store.unfence(str(params["machine_id"]))}
+        if method == "drop_points":
+            return {"dropped": self.store.drop_points(str(params["machine_id"]))}
         if method == "prune":
             return self.store.prune().__dict__
         raise InvalidRequest(f"unknown method {method!r}")

@@ -321,12 +321,30 @@ class ReplicaStore:
             raise self._damaged(replica, tag_id, exc) from exc
 
     def rollback(self, machine_id: str, tag_id: str) -> None:
-        """Failover: roll every disk of the machine back to ``tag_id``; later points go."""
+        """Failover: fence every disk of the machine (see `DiskReplica.fence`), then roll
+        it back to ``tag_id``; later points go. The disks stay fenced until `unfence`."""
         replicas = self._machine_disks(machine_id)
         for r in replicas:  # refuse before touching any disk
             self._point(r.disk_id, tag_id)
         for r in replicas:
+            self.disk(r.disk_id).fence(True)
+        for r in replicas:
             self.rollback_disk(r.disk_id, tag_id)
+
+    def unfence(self, machine_id: str) -> list[str]:
+        """Let the machine's streams apply again (cancel, failback); the disks unfenced."""
+        done = []
+        for r in self._machine_disks(machine_id):
+            replica = self.disk(r.disk_id)
+            if replica.fenced:
+                replica.fence(False)
+                done.append(r.disk_id)
+        return done
+
+    def drop_points(self, machine_id: str) -> int:
+        """A committed failover: the VM wrote to the replicas with no journal, so every
+        older point is gone (retention then frees their journal)."""
+        return sum(self._catalogue.drop_points(r.disk_id) for r in self._machine_disks(machine_id))
 
     # -- upkeep ----------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import pytest
 from tests.integration.configsite import Site, machine
 from tests.integration.daemons import RoleDaemon
 from tests.integration.test_failover_e2e import inventory, replica_settings, sha256
-from tests.loopfs import loop_device, loop_ext4
+from tests.loopfs import loop_device, loop_ext4, remount_read_only
 from tests.vcsim.fixture import Vcsim
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.slow]
@@ -90,7 +90,7 @@ def run(  # noqa: PLR0917 - the test's own pieces
 
     # The original machine stops writing before the (planned) failover: read-only, so
     # the points still freeze it and the last one holds every write it made.
-    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    remount_read_only(mnt)
     quiet = time.time()
     site.wait(
         "a point after the remount",

@@ -35,6 +35,7 @@ import pytest
 from appliance.lab.agent import start_agent
 from appliance.lab.procs import alive, spawn
 from appliance.lab.state import LabState, Proc
+from tests.loopfs import remount_read_only
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.slow]
 
@@ -198,17 +199,6 @@ def kill9_and_restart(state: Path, victim: str) -> None:
         new = restart_notified(old, state.resolve() / f"notify-{victim}")
     recorded.procs[victim] = Proc(victim, new.pid, new.argv, new.log)
     recorded.save()
-
-
-def remount_read_only(mountpoint: Path) -> None:
-    # EBUSY while the agent holds its freeze for a tag: that lasts under a second.
-    for _ in range(20):
-        done = subprocess.run(["mount", "-o", "remount,ro", str(mountpoint)],
-                              check=False, capture_output=True, text=True)  # fmt: skip
-        if done.returncode == 0:
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"remount,ro of {mountpoint} failed: {done.stderr}")
 
 
 @pytest.mark.parametrize("victim", ["agent", "processd", "targetd"])

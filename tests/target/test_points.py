@@ -154,18 +154,35 @@ def test_rollback_for_failover(store: ReplicaStore, tmp_path: Path) -> None:
         store.rollback("vm", "only-x")
     assert store.disk("x").durable_seq == 204
 
+    before = {d: store.disk(d).applied_seq for d in streams}  # all of it: applied
     store.rollback("vm", "middle")
     out = tmp_path / "out"
     out.mkdir()
     for disk_id, ops in streams.items():
         replica = store.disk(disk_id)
         middle = next(op.seq for op in ops if isinstance(op, Tag) and op.tag_id == "middle")
-        assert replica.durable_seq == replica.applied_seq == middle
+        # The image is the point's; the numbering goes on where it was (no gap for the
+        # senders), and the disk is fenced.
+        resume = before[disk_id]
+        assert replica.durable_seq == replica.applied_seq == resume > middle
+        assert replica.fenced
         assert replica.flat.read_bytes() == image(size, ops, middle)
         assert replica.journal.end_lsn == replica.checkpoint_lsn
         assert [p.tag_id for p in store.points(disk_id=disk_id)] == ["early", "middle"]
-        # Apply continues from the point; old and new points both materialise.
-        more = tagged_stream(40, size, 60, {30: "after"}, first_seq=middle + 1)
+        # Fenced: what still arrives is acknowledged and dropped, tags make no points.
+        stale = tagged_stream(41, size, 30, {10: "stale"}, first_seq=resume + 1)
+        apply(replica, stale)
+        replica.checkpoint()
+        assert replica.durable_seq == stale[-1].seq
+        assert replica.flat.read_bytes() == image(size, ops, middle)
+        assert [p.tag_id for p in store.points(disk_id=disk_id)] == ["early", "middle"]
+    assert sorted(store.unfence("vm")) == ["x", "y"]
+    assert store.unfence("vm") == []
+    for disk_id, ops in streams.items():
+        replica = store.disk(disk_id)
+        middle = next(op.seq for op in ops if isinstance(op, Tag) and op.tag_id == "middle")
+        # Unfenced, apply continues; old and new points both materialise.
+        more = tagged_stream(40, size, 60, {30: "after"}, first_seq=replica.durable_seq + 1)
         apply(replica, more)
         replica.checkpoint()
         history = [op for op in ops if op.seq <= middle] + more
@@ -185,5 +202,5 @@ def test_rollback_survives_reopen(open_store: StoreFactory) -> None:
     store.rollback_disk("d", "p")
     store.close()
     again = open_store().disk("d")
-    assert again.durable_seq == 41
+    assert again.durable_seq == ops[-1].seq  # the numbering continues after a rollback
     assert again.flat.read_bytes() == image(size, ops, 41)
