@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import socket
 import ssl
 from collections.abc import Callable
@@ -67,6 +68,7 @@ class Controller:
         self.failback_done = 0
         self.failback_report: dict[str, Any] = {}  # the last failback's figures or error
         self._failback: asyncio.Task[None] | None = None
+        self._policy: dict[str, Any] = {}
 
     def disk_id(self, disk: Disk) -> str:
         return f"{self.config.machine_id}-{disk.name}"
@@ -123,6 +125,37 @@ class Controller:
             generation = answer.get("resync_generation")
             if self.session is not None and isinstance(generation, int) and generation > 0:
                 self.session.replicator.request_resync(generation)
+            self._apply_policy(answer.get("policy"))
+
+    def _apply_policy(self, policy: Any) -> None:
+        """The machine's policy (intervals, scripts) from the configuration server; the
+        local configuration's values stand until one arrives, and for what it omits."""
+        if not isinstance(policy, dict) or policy == self._policy:
+            return
+        self._policy = policy
+        schedule = self._schedule()
+        if self.session is not None:
+            self.session.replicator.set_schedule(*schedule)
+        log.info("policy: tags every %.0f s, app-consistent every %s", schedule[0],
+                 f"{schedule[1]:.0f} s" if schedule[1] else "never")  # fmt: skip
+
+    def _schedule(self) -> tuple[float, float | None, tuple[str, ...], tuple[str, ...]]:
+        p, c = self._policy, self.config
+
+        def number(key: str, default: float | None) -> float | None:
+            value = p.get(key)
+            return float(value) if isinstance(value, int | float) and value > 0 else default
+
+        def script(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+            value = p.get(key)
+            return tuple(shlex.split(value)) if isinstance(value, str) and value else default
+
+        return (
+            number("crash_interval_s", c.tag_interval) or c.tag_interval,
+            number("app_interval_s", c.app_interval),
+            script("pre_script", c.pre_script),
+            script("post_script", c.post_script),
+        )
 
     async def close(self) -> None:
         async with self._lock:
@@ -177,6 +210,7 @@ class Controller:
             server_hostname=self.config.tls_name or host,
             on_ack=acks,
         )
+        tag_interval, app_interval, pre, post = self._schedule()
         rep = Replicator(
             self.disks,
             sender,
@@ -184,7 +218,10 @@ class Controller:
             self.config.state_dir,
             machine_id=self.config.machine_id,
             acks=acks,
-            tag_interval=self.config.tag_interval,
+            tag_interval=tag_interval,
+            app_interval=app_interval,
+            pre_script=pre or None,
+            post_script=post or None,
             freeze_timeout=self.config.freeze_timeout,
             remote_digests=stream_digests(sender, asyncio.get_running_loop()),
         )
