@@ -1,0 +1,108 @@
+"""`secondsite-console`: the Textual console on the appliance's VM console and over SSH.
+
+The App only wires things: which client, how often to poll, the global keys. The
+screens do the work (tui/screens), each through the `ConsoleClient` it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import ClassVar
+
+from textual.app import App
+from textual.binding import Binding, BindingType
+
+from tui.client import ConsoleClient, ThreadedClient
+from tui.screens.dashboard import DashboardScreen
+from tui.screens.help import HelpScreen
+from tui.screens.services import ServicesScreen
+from tui.screens.setup import SetupScreen
+
+DEFAULT_REFRESH_S = 2.0
+JOB_POLL_S = 0.5  # as secondsitectl --wait
+
+
+class ConsoleApp(App[None]):
+    TITLE = "Secondsite"
+    ENABLE_COMMAND_PALETTE = False  # keys are listed on each screen and under "?"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help"),
+        Binding("s", "services", "Services"),
+        Binding("w", "setup", "Appliance setup"),
+    ]
+
+    def __init__(
+        self,
+        client: ConsoleClient,
+        *,
+        refresh_s: float = DEFAULT_REFRESH_S,
+        poll_s: float = JOB_POLL_S,
+    ) -> None:
+        super().__init__()
+        self.client = client
+        self.refresh_s = refresh_s
+        self.poll_s = poll_s
+
+    def on_mount(self) -> None:
+        self.push_screen(DashboardScreen(self.client, self.refresh_s, self.poll_s))
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            bindings = [b for b in self.BINDINGS if isinstance(b, Binding)]
+            self.push_screen(HelpScreen(self.screen, bindings))
+
+    def action_services(self) -> None:
+        if not isinstance(self.screen, ServicesScreen):
+            self.push_screen(ServicesScreen())
+
+    def action_setup(self) -> None:
+        if not isinstance(self.screen, SetupScreen):
+            self.push_screen(SetupScreen())
+
+    def on_unmount(self) -> None:
+        self.client.close()
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.2 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0.2 and 3600 seconds")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="secondsite-console",
+        description="The Secondsite console: dashboard, machines, failover.",
+    )
+    parser.add_argument(
+        "--bus",
+        metavar="ADDRESS",
+        help="D-Bus address of the configuration server "
+        "(default: $SECONDSITE_BUS_ADDRESS, else the system bus)",
+    )
+    parser.add_argument(
+        "--refresh",
+        metavar="SECONDS",
+        type=_seconds,
+        default=DEFAULT_REFRESH_S,
+        help=f"how often the screens poll (default {DEFAULT_REFRESH_S:g})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # No bus yet is not fatal: the dashboard says so and keeps trying.
+    ConsoleApp(ThreadedClient(args.bus), refresh_s=args.refresh).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
