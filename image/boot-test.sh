@@ -119,6 +119,9 @@ boot() {
     grep -a -q "$MARK unit=secondsite-configd.service state=active/running" "$log" \
         || problems+=("configd-not-ready")
     grep -a -q "$MARK secondsitectl=ok" "$log" || problems+=("secondsitectl")
+    grep -a -q "$MARK setup1=ok" "$log" || problems+=("setup1")
+    grep -a -q "$MARK unit=secondsite-console.service state=active/running" "$log" \
+        || problems+=("console-not-running")
     if [ -n "$ready" ] && kill -0 "$qpid" 2>/dev/null; then
         if probe=$("$PY" -m tests.image.bootkit probe "$work/pki" "$port" --timeout 90); then
             say "[$fw] targetd answers on 9442: $probe"
