@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 # Debian packages the build and the tests need (installed when root and missing).
 APT_PACKAGES := python3-venv libdbus-1-dev libglib2.0-dev dbus e2fsprogs util-linux systemd \
-                iproute2 zstd
+                iproute2 zstd openssh-server openssh-client
 
 .PHONY: quickstart test lint typecheck unit bench deps venv clean
 
