@@ -11,10 +11,13 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import ssl
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import uvloop
 
@@ -24,7 +27,7 @@ from agent.errors import AgentError, TrackerUnavailable
 from agent.managed import Controller
 from agent.remote import stream_digests
 from agent.replicator import AckRelay, Replicator
-from agent.status import STATUS_FILE, snapshot
+from agent.status import STATUS_FILE, progress_line, snapshot
 from agent.trackers.base import Tracker
 from agent.trackers.scan import ScanTracker
 from agent.trackers.tracefs import TracefsTracker
@@ -80,6 +83,22 @@ def client_tls(config: AgentConfig) -> ssl.SSLContext:
         raise ConfigError(f"cannot load the TLS material: {exc}") from None
 
 
+def show_progress(status_path: Path) -> None:
+    """On a terminal, the initial copy's progress redrawn in place on stderr (the log
+    goes there too, so a log line simply scrolls it up); nothing once synced or when
+    stderr is not a terminal (systemd, pipes)."""
+    if not sys.stderr.isatty():
+        return
+    try:
+        document = json.loads(status_path.read_bytes())
+    except (OSError, ValueError):
+        return
+    line = progress_line(document, shutil.get_terminal_size().columns)
+    if line is not None:
+        sys.stderr.write("\r" + line + "\x1b[K")
+        sys.stderr.flush()
+
+
 def run(config: AgentConfig, disks: list[Disk]) -> int:
     make_dirs(config.state_dir, config.state_dir / "scan")
     ssl_context = client_tls(config)
@@ -128,6 +147,7 @@ async def serve_managed(  # noqa: PLR0917 - mirrors serve()
             if controller.failed is not None:
                 signal.raise_signal(signal.SIGTERM)
                 return
+            show_progress(status_path)
             await asyncio.sleep(STATUS_INTERVAL)
 
     def summary() -> str:
@@ -185,6 +205,7 @@ async def serve(
     async def status_loop() -> None:
         while True:
             await asyncio.to_thread(write_status)
+            show_progress(status_path)
             await asyncio.sleep(STATUS_INTERVAL)
 
     async def watch() -> None:

@@ -111,6 +111,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
+def progress_line(document: dict[str, Any], width: int = 80) -> str | None:
+    """One line for a terminal while the initial copy runs (None once every disk is
+    synced): the whole machine's percent, a bar, and the slowest disk's ETA."""
+    disks = [d for d in document.get("disks", {}).values() if isinstance(d, dict)]
+    inits = [d.get("initial", {}) for d in disks]
+    if not inits or all(i.get("done") for i in inits):
+        return None
+    sizes = [max(int(d.get("size", 0)), 1) for d in disks]
+    percent = sum(float(i.get("percent", 0.0)) * s for i, s in zip(inits, sizes, strict=True))
+    percent /= sum(sizes)
+    etas = [i.get("eta_seconds") for i in inits if not i.get("done")]
+    eta = "ETA unknown" if None in etas else "ETA " + _duration(max(etas))
+    line = f"initial copy {bar(percent)} {percent:5.1f}%  {eta}  ({len(disks)} disks)"
+    return line[: width - 1]
+
+
 def render(document: dict[str, Any], now: float | None = None) -> str:
     now = now if now is not None else time.time()
     lines = [

@@ -288,3 +288,21 @@ ca = "{tls.ca.cert}"
     code, document = agent_status(state_dir)
     assert code == 3 and document is not None and document["running"] is False
     assert document["phase"] == "stopped"
+
+
+def test_progress_line_weighs_disks_by_size_and_ends_when_synced() -> None:
+    from agent.status import progress_line
+
+    document = {"disks": {
+        "m-a": {"size": 3 << 30, "initial": {"percent": 100.0, "done": True}},
+        "m-b": {"size": 1 << 30, "initial": {"percent": 20.0, "done": False,
+                                             "eta_seconds": 125}},
+    }}  # fmt: skip
+    line = progress_line(document, 80)
+    assert line is not None and "80.0%" in line and "ETA 2 min" in line and "2 disks" in line
+    assert len(line) < 80
+    document["disks"]["m-b"]["initial"]["eta_seconds"] = None
+    assert "ETA unknown" in str(progress_line(document))
+    document["disks"]["m-b"]["initial"] = {"percent": 100.0, "done": True}
+    assert progress_line(document) is None
+    assert progress_line({"disks": {}}) is None
