@@ -37,6 +37,7 @@ from appliance.daemon.enrolled import load as load_enrolment
 from appliance.daemon.runner import make_dirs, serve_until_stopped
 from appliance.daemon.sdnotify import Notifier
 from appliance.storage.atomic import atomic_write
+from appliance.wire.connection import ConnectionState
 from appliance.wire.sender import StreamSender
 from appliance.wire.tls import client_context
 
@@ -81,6 +82,20 @@ def client_tls(config: AgentConfig) -> ssl.SSLContext:
         return client_context(config.tls_cert, config.tls_key, config.tls_ca)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"cannot load the TLS material: {exc}") from None
+
+
+def connection_error(sender: StreamSender) -> str | None:
+    """Why the stream to the process server is down, in words an operator can act on
+    (a refused certificate shows up as a TLS alert, or as a close before WELCOME)."""
+    error = sender.last_error
+    if error is None or sender.state is ConnectionState.OPEN:
+        return None
+    text = str(error) or type(error).__name__
+    if sender.last_error_hint:  # closed before WELCOME: our certificate was refused
+        text = f"{text} {sender.last_error_hint}"
+    if isinstance(error, ssl.SSLError) or "certificate" in text.lower():
+        return f"{text} (the process server refuses our certificate: revoked, or not from its CA?)"
+    return text
 
 
 def show_progress(status_path: Path) -> None:
@@ -132,6 +147,7 @@ async def serve_managed(  # noqa: PLR0917 - mirrors serve()
         if session is not None:
             document = snapshot(session.replicator, config.machine_id,
                                 session.sender.state.value, session.address)  # fmt: skip
+            document["connection_error"] = connection_error(session.sender)
         else:
             document = {"pid": os.getpid(), "time": time.time(),
                         "machine_id": config.machine_id, "phase": "not protected",
@@ -200,6 +216,7 @@ async def serve(
     def write_status() -> None:
         document = snapshot(rep, config.machine_id, sender.state.value,
                             f"{config.process_host}:{config.process_port}")  # fmt: skip
+        document["connection_error"] = connection_error(sender)
         atomic_write(status_path, json.dumps(document, indent=1).encode() + b"\n")
 
     async def status_loop() -> None:

@@ -134,6 +134,8 @@ def render(document: dict[str, Any], now: float | None = None) -> str:
         f"{document.get('connection')} to {document.get('process_server')}, "
         f"pid {document.get('pid')}, updated {now - float(document.get('time', 0)):.1f} s ago"
     ]
+    if document.get("connection_error"):
+        lines.append(f"  connection: {document['connection_error']}")
     for disk_id, disk in sorted(document.get("disks", {}).items()):
         init = disk.get("initial", {})
         size_mib = int(disk.get("size", 0)) >> 20

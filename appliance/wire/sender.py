@@ -299,6 +299,7 @@ class StreamSender:
         self.reconnects = 0
         self.receiver = ""  # the receiver's name from its WELCOME
         self.last_error: BaseException | None = None
+        self.last_error_hint = ""  # what the last error probably means, if we can tell
         self._ssl = ssl_context
         self._server_hostname = server_hostname
         self._backoff = backoff if backoff is not None else Backoff()
@@ -463,6 +464,7 @@ class StreamSender:
             hint = ""
             if self.state is ConnectionState.HANDSHAKING and isinstance(error, ConnectionClosed):
                 hint = " before WELCOME (does the receiver accept our certificate?)"
+            self.last_error_hint = hint.strip()
             log.warning(
                 "stream to %s:%s: %s%s; reconnecting in %.1fs",
                 self.host,

@@ -306,3 +306,46 @@ def test_progress_line_weighs_disks_by_size_and_ends_when_synced() -> None:
     document["disks"]["m-b"]["initial"] = {"percent": 100.0, "done": True}
     assert progress_line(document) is None
     assert progress_line({"disks": {}}) is None
+
+
+@pytest.mark.root
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_refused_certificate_is_named_in_status(
+    sites: tuple[RoleDaemon, RoleDaemon], tls: TlsMaterial, tmp_path: Path
+) -> None:
+    """An agent whose certificate the process server refuses keeps retrying (it may be
+    re-enrolled) and its status says why, in words the operator can act on."""
+    process, _ = sites
+    state_dir = tmp_path / "agent"
+    with loop_ext4(tmp_path, 32) as (device, _):
+        config = write_config(tmp_path / "agent.toml", f"""
+[agent]
+machine_id = "machine-rogue"
+state_dir = "{state_dir}"
+process_server = "127.0.0.1:{process.port}"
+tls_name = "localhost"
+disks = ["{device}"]
+
+[tls]
+cert = "{tls.rogue_client.cert}"
+key = "{tls.rogue_client.key}"
+ca = "{tls.ca.cert}"
+""")  # fmt: skip
+        log = tmp_path / "agent.log"
+        agent = start_agent(config, log, tmp_path / "notify-agent")
+        try:
+            deadline = time.monotonic() + 30
+            document: dict[str, Any] | None = None
+            while time.monotonic() < deadline:
+                _, document = agent_status(state_dir)
+                if document and document.get("connection_error"):
+                    break
+                time.sleep(0.3)
+            else:
+                raise AssertionError(f"no connection error in {document}\n{log.read_text()}")
+            assert "refuses our certificate" in document["connection_error"], document
+            assert agent.poll() is None  # still running, still trying
+        finally:
+            agent.terminate()
+            agent.wait(timeout=20)
