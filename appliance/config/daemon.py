@@ -145,9 +145,13 @@ async def serve(config: ConfigdConfig, notifier: Notifier | None = None) -> None
             health=HealthSettings(config.agent_timeout, config.server_timeout),
             report_interval=config.report_interval,
             auto_protect=config.auto_protect,
+            address=f"{config.names[0]}:{config.port}",
         ),
         target_call=targets.call,
         vcenters=VCenterStore(inventory, config.state_dir / SECRETS_FILE),
+        push_call=lambda address, method, params, timeout: targets.call(
+            address, method, params, timeout=timeout
+        ),
     )
 
     def register(request: EnrolRequest, issued: Issued) -> dict[str, Any]:

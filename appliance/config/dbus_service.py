@@ -298,6 +298,13 @@ class Config1(SignatureCheckedObject):
         )  # fmt: skip
         self._submit(reply, error, work, _record)
 
+    @dbus.service.method(INTERFACE, in_signature="sa{sv}", out_signature="s", **_ASYNC)
+    def PushInstall(
+        self, host: str, options: dict[Any, Any], reply: Reply, error: ErrorReply
+    ) -> None:
+        work = lambda: self._api.push_install(_name(host, "host"), _settings(options))  # noqa: E731
+        self._submit(reply, error, work, _job)
+
     @dbus.service.method(INTERFACE, in_signature="", out_signature="a{sv}", **_ASYNC)
     def GetPassphrase(self, reply: Reply, error: ErrorReply) -> None:
         self._submit(reply, error, partial(self._api.passphrase, False), _record)

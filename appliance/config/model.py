@@ -42,6 +42,7 @@ class JobKind(StrEnum):
     COMMIT = "commit"
     CANCEL = "cancel"  # a failover not yet committed
     FAILBACK = "failback"  # of a committed failover: the original machine is the target
+    PUSH_INSTALL = "push-install"  # of the agent, by a process server over SSH
 
 
 class JobState(StrEnum):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance import __version__
-from appliance.config import failback, failover, health, protection
+from appliance.config import failback, failover, health, protection, push
 from appliance.config.api import (
     AlertChanged,
     MachineStateChanged,
@@ -54,6 +54,14 @@ MAX_NAME = 253
 
 #: Calls a master target's control RPC: (address, method, params) -> result.
 TargetCall = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
+#: Calls a process server's control RPC: (address, method, params, timeout) -> result.
+PushCall = Callable[[str, str, dict[str, Any], float], Awaitable[Any]]
+#: push_install's options: name -> (type, required).
+PUSH_OPTIONS: dict[str, tuple[type, bool]] = {
+    "key": (str, True), "disks": (list, True), "user": (str, False), "port": (int, False),
+    "machine": (str, False), "accept_fingerprint": (str, False), "server": (str, False),
+    "prefix": (str, False), "start_without_systemd": (bool, False),  # these two: tests only
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class ServiceSettings:
     report_interval: float = 10.0  # told to components in every answer
     auto_protect: bool = True  # an agent that enrols gets an enable-protection job
     job_poll: float = 2.0  # waiting job steps look again this often (reports wake them sooner)
+    address: str = ""  # HOST:PORT hosts enrol with (push installation's default)
 
 
 def _name(value: str, what: str = "name") -> str:
@@ -82,6 +91,7 @@ class ConfigService:
         clock: Callable[[], float] = time.time,
         target_call: TargetCall | None = None,
         vcenters: VCenterStore | None = None,
+        push_call: PushCall | None = None,
     ) -> None:
         self.inventory = inventory
         self.passphrases = passphrases
@@ -103,6 +113,12 @@ class ConfigService:
             ops = failover.ServiceOps(target_call, vcenters, self.agent_alive)
             definitions |= failover.definitions(ops)
             definitions |= failback.definitions(ops)
+        self._push_call = push_call
+        self._push_keys: dict[str, str] = {}  # job id -> SSH key text: memory only, never stored
+        if push_call is not None:
+            pushing = push.PushOps(self._push_place, push_call, self._push_passphrase,
+                                   self._take_push_key, settings.address)  # fmt: skip
+            definitions |= push.definitions(pushing)
         self.engine = JobEngine(inventory, definitions, self._emit, clock, poll=settings.job_poll)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -331,20 +347,35 @@ class ConfigService:
 
     # -- placement (protection.Placement) ------------------------------------------
 
-    def place(self, machine: Record) -> tuple[str, str]:
-        load = self.inventory.machine_load()
+    def _least_loaded_process(self, load: dict[str, int]) -> Record:
         processes = self.inventory.servers(ServerRole.PROCESS.value)
-        targets = self.inventory.servers(ServerRole.TARGET.value)
         if not processes:
             raise JobFailed("no process server is enrolled; enrol one first")
+        return min(processes, key=lambda s: (load.get(s["name"], 0), s["name"]))
+
+    def place(self, machine: Record) -> tuple[str, str]:
+        load = self.inventory.machine_load()
+        targets = self.inventory.servers(ServerRole.TARGET.value)
+        process = self._least_loaded_process(load)
         if not targets:
             raise JobFailed("no master target is enrolled; enrol one first")
-        process = min(processes, key=lambda s: (load.get(s["name"], 0), s["name"]))
         by_address = {t["address"]: t["name"] for t in targets}
         target = by_address.get(process.get("target") or "")
         if target is None:  # the process server forwards to a target we do not know
             target = min(targets, key=lambda s: (load.get(s["name"], 0), s["name"]))["name"]
         return process["name"], target
+
+    def _push_place(self) -> tuple[str, str]:
+        process = self._least_loaded_process(self.inventory.machine_load())
+        return process["name"], process["address"]
+
+    def _take_push_key(self, job: str) -> str | None:
+        return self._push_keys.pop(job, None)
+
+    def _push_passphrase(self) -> str:
+        current = self.passphrases.current(self._clock())
+        current.require_valid(self._clock())
+        return current.value
 
     def agent_alive(self, machine: str) -> bool:
         last = self.inventory.machine(machine)["last_seen"]
@@ -593,6 +624,28 @@ class ConfigService:
 
     async def failback(self, machine: str) -> str:
         return self._failover_job(JobKind.FAILBACK, machine, {})
+
+    async def push_install(self, host: str, options: Record) -> str:
+        """A job in which a process server installs the agent on `host` over SSH."""
+        _name(host, "host")
+        if self._push_call is None:
+            raise ConfigServerError("push installation is not configured on this server")
+        unknown = set(options) - set(PUSH_OPTIONS)
+        if unknown:
+            raise InvalidArgument(f"unknown options: {', '.join(sorted(unknown))}")
+        for key, (kind, required) in PUSH_OPTIONS.items():
+            if required and not options.get(key):
+                raise InvalidArgument(f"option {key} is required")
+            if key in options and not isinstance(options[key], kind):
+                raise InvalidArgument(f"option {key} must be {kind.__name__}")
+        if not all(isinstance(d, str) and d.startswith("/") for d in options["disks"]):
+            raise InvalidArgument("disks must be device paths, e.g. /dev/sdb")
+        params = {k: v for k, v in options.items() if k != "key"}  # the key: never stored
+        params |= {"host": host, "machine": options.get("machine") or host}
+        _name(params["machine"], "machine")
+        job = self.engine.submit(JobKind.PUSH_INSTALL, push.subject(host), params)
+        self._push_keys[job] = options["key"]  # before the job's task first runs
+        return job
 
     async def passphrase(self, rotate: bool) -> Record:
         now = self._clock()

@@ -1,4 +1,5 @@
-"""Calling the master targets' control RPC (points, materialise) from the configuration server."""
+"""Calling the role daemons' control RPC (master targets: points, materialise; process
+servers: push_install) from the configuration server."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ from appliance.wire.messages import Hello, Request, Response
 from appliance.wire.tls import client_context
 
 
+class RemoteRefused(ConfigServerError):
+    """The daemon answered ok=false; `detail` is its error record ({"error", "message",
+    maybe "hint", "fingerprint"})."""
+
+    def __init__(self, message: str, detail: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
 class TargetClient:
     """One short connection per call: these calls are rare (an operator asked)."""
 
@@ -22,10 +32,12 @@ class TargetClient:
         self._name = name
         self._timeout = timeout
 
-    async def call(self, address: str, method: str, params: dict[str, Any]) -> Any:
+    async def call(
+        self, address: str, method: str, params: dict[str, Any], *, timeout: float | None = None
+    ) -> Any:
         host, port = parse_host_port(address)
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(timeout or self._timeout):
                 conn = await open_connection(host, port, self._ssl, server_hostname=host)
                 try:
                     await conn.send(Hello("admin", self._name))
@@ -36,9 +48,10 @@ class TargetClient:
                 finally:
                     conn.close()
         except (OSError, TimeoutError, WireError) as exc:
-            raise ConfigServerError(f"master target {address} unreachable: {exc}") from None
+            raise ConfigServerError(f"{address} unreachable: {exc}") from None
         result = reply.json()
         if not reply.ok:
-            message = result.get("message") if isinstance(result, dict) else result
-            raise ConfigServerError(f"master target {address}: {method} failed: {message}")
+            detail = result if isinstance(result, dict) else {"message": str(result)}
+            message = detail.get("message")
+            raise RemoteRefused(f"{address}: {method} failed: {message}", detail)
         return result

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
-from appliance.ctl import commands, failover
+from appliance.ctl import commands, failover, push
 from appliance.ctl.commands import BUS_ENV, ClientFactory, ConfigClient, Context, CtlError, CtlExit
 from appliance.daemon.cli import OperatorError
 
@@ -34,6 +34,7 @@ examples:
   {PROG} passphrase --rotate > /root/enrol.pass
   {PROG} test-failover web01 --point latest-app --wait && {PROG} cleanup web01
   {PROG} failover web01 --unplanned --wait && {PROG} commit web01
+  {PROG} push-install 10.0.0.5 --key /root/.ssh/id_ed25519 --disk /dev/sdb --wait
 
 options may come before or after the command; every listing takes --json, which
 prints the server's records unchanged (times as Unix seconds, sizes in bytes).
@@ -314,6 +315,27 @@ def _add_failover(add: Callable[..., argparse.ArgumentParser]) -> None:
     vc.add_argument("--password-file", required=True, metavar="FILE")
     vc.add_argument("--thumbprint", help="the SHA-256 thumbprint to trust")
     vc.add_argument("--site", help="the site it belongs to (default: secondary)")
+    pi = add("push-install", push.cmd_push_install,
+             "install the agent on a host over SSH from a process server, enrol and start it "
+             "(root only: the private key travels to the server for the install, never "
+             "stored); the first time it fails with the host key's fingerprint, to check and "
+             "pass back", "push-install 10.0.0.5 --key /root/.ssh/id_ed25519 --disk /dev/sdb "
+             "--accept-fingerprint SHA256:... --wait")  # fmt: skip
+    pi.add_argument("host")
+    pi.add_argument("--user", default="root", help="SSH user: root, or one with sudo")
+    pi.add_argument("--port", type=int, help="SSH port (default: 22)")
+    pi.add_argument("--key", required=True, metavar="FILE", help="the SSH private key")
+    pi.add_argument("--disk", action="append", required=True, metavar="DEV",
+                    help="a disk to protect (repeatable)")  # fmt: skip
+    pi.add_argument("--machine", help="the machine's name (default: HOST)")
+    pi.add_argument("--accept-fingerprint", metavar="FP",
+                    help="the host key fingerprint you checked (trust on first use)")  # fmt: skip
+    pi.add_argument("--server", metavar="HOST:PORT",
+                    help="where the host reaches the configuration server (default: its "
+                         "first name)")  # fmt: skip
+    pi.add_argument("--wait", action="store_true", help="follow the job; exit 1 if it fails")
+    pi.add_argument("--test-prefix", help=argparse.SUPPRESS)  # tests: install under a root
+    pi.add_argument("--test-without-systemd", action="store_true", help=argparse.SUPPRESS)
 
 
 def dbus_client(address: str | None) -> ConfigClient:

@@ -146,7 +146,7 @@ async def serve(
     counters = ErrorCounters()
     service = ProcessService(
         spool, forwarder, name=config.name, window_bytes=config.window_bytes,
-        counters=counters, pool=pool, health=health,
+        counters=counters, pool=pool, health=health, state_dir=config.state_dir,
     )  # fmt: skip
     if forwarder is not None:
         await forwarder.sender.start()

@@ -7,13 +7,16 @@ import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+from appliance.process import push
 from appliance.process.errors import ProcessError, SpoolFull
 from appliance.process.forwarder import Forwarder
 from appliance.process.health import Condition, Health
 from appliance.process.intake import IntakeStream
 from appliance.process.spool import Spool
+from appliance.push.errors import PushError
 from appliance.wire.connection import Connection, ConnectionState
 from appliance.wire.errors import (
     ConnectionClosed,
@@ -62,8 +65,10 @@ class ProcessService:
         counters: ErrorCounters,
         pool: ThreadPoolExecutor,
         health: Health | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.spool = spool
+        self.state_dir = state_dir  # None: no push installation from here
         self.forwarder = forwarder
         self.name = name
         self.window_bytes = window_bytes
@@ -229,9 +234,16 @@ class ProcessService:
 
     async def _answer(self, conn: Connection, req: Request) -> None:
         async def call(method: str, params: dict[str, Any]) -> Any:
+            if method in push.METHODS:
+                if conn.peer_unit not in push.CALLERS:
+                    raise InvalidRequest(f"{method} is for the configuration server only")
+                if self.state_dir is None:
+                    raise InvalidRequest("push installation is not set up on this server")
+                # Minutes of SSH: in a thread of its own, never on the loop or the spool's pool.
+                return await asyncio.to_thread(push.call, method, params, self.state_dir)
             return self._call(method, params)  # quick, in-memory: on the loop
 
-        await answer(conn, req, call, (WireError, TypeError, KeyError))
+        await answer(conn, req, call, (WireError, TypeError, KeyError, PushError))
 
     def _call(self, method: str, params: dict[str, Any]) -> Any:
         if method == "status":

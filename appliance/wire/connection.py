@@ -110,6 +110,7 @@ class Connection:
         self.counters = counters
         self.peer = ""
         self.peer_serial: str | None = None  # the certificate's serial, lower-case hex
+        self.peer_unit: str | None = None  # its OU: the component kind, on the server side
         self.state = ConnectionState.CONNECTING
         self.bytes_in = 0
         self.bytes_out = 0

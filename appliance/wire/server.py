@@ -38,7 +38,7 @@ from appliance.wire.errors import (
     ShuttingDown,
     WireError,
 )
-from appliance.wire.tls import peer_identity, serial_hex
+from appliance.wire.tls import organizational_unit, peer_identity, serial_hex
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class WireServer:
             if peercert or not self._allow_anonymous:
                 conn.peer = peer_identity(transport)
                 conn.peer_serial = serial_hex(peercert.get("serialNumber", "0"))
+                conn.peer_unit = organizational_unit(peercert)
                 if conn.peer_serial in self.revoked:
                     raise BadCertificate(
                         f"certificate {conn.peer_serial} of {conn.peer} is revoked"

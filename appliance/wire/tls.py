@@ -60,6 +60,15 @@ def common_name(peercert: dict[str, Any] | None) -> str:
     raise BadCertificate("the peer certificate has no common name")
 
 
+def organizational_unit(peercert: dict[str, Any] | None) -> str | None:
+    """The OU of a certificate from `getpeercert()`: the component kind our CA puts there."""
+    for rdn in (peercert or {}).get("subject", ()):
+        for attr, value in rdn:
+            if attr == "organizationalUnitName":
+                return str(value)
+    return None
+
+
 def peer_identity(source: _HasExtraInfo | _HasPeerCert) -> str:
     """The peer certificate's CN, from an asyncio transport or an SSLObject/SSLSocket."""
     if hasattr(source, "get_extra_info"):

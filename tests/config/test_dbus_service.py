@@ -223,6 +223,10 @@ class FakeConfig:
         self._machine(machine)
         return "job-failback"
 
+    async def push_install(self, host: str, options: Record) -> str:
+        self.calls.append(("push_install", (host, options)))
+        return "job-push"
+
     def summary(self) -> Summary:
         return Summary("1.2.3", 3, 2, 1, 4, -1.0)
 
@@ -370,6 +374,9 @@ def test_changes_round_trip(client: Config1Client, api: FakeConfig) -> None:
         client.call("RegisterVCenter", "vc-dr", "dr", "vc:443", "u", "pw", "")
     record = client.call("RegisterVCenter", "vc-dr", "dr", "vc:443", "u", "pw", "AA:BB")
     assert record["thumbprint"] == "AA:BB" and "password" not in record
+    options = {"key": "KEY", "disks": ["/dev/sdb"], "port": 2222}
+    assert client.call("PushInstall", "src1", options) == "job-push"
+    assert ("push_install", ("src1", options)) in api.calls
 
 
 def test_wire_types_are_the_documented_ones(raw: Any) -> None:
@@ -579,6 +586,7 @@ _PROBE_CALLS = [
     ["RotatePassphrase", []],
     ["Revoke", ["web01"]],
     ["RegisterVCenter", ["vc", "dr", "vc:443", "u", "pw", "AA:BB"]],
+    ["PushInstall", ["src1", {"key": "k", "disks": ["/dev/sdb"]}]],
 ]
 
 
@@ -603,7 +611,7 @@ def test_policy_group_member_outsider_and_root(
     server: Config1Server, bus: PrivateBus, client: Config1Client
 ) -> None:
     member = probe(bus, MEMBER)
-    root_only = {"GetPassphrase", "RotatePassphrase", "Revoke", "RegisterVCenter"}
+    root_only = {"GetPassphrase", "RotatePassphrase", "Revoke", "RegisterVCenter", "PushInstall"}
     assert {m for m, r in member.items() if r == "ok"} == set(member) - root_only
     assert {member[m] for m in root_only} == {ACCESS_DENIED}
     assert set(probe(bus, OUTSIDER).values()) == {ACCESS_DENIED}
@@ -620,7 +628,8 @@ def test_policy_lists_every_contract_method() -> None:
         if rule.get("send_interface") == INTERFACE
     }
     methods = set(_interface(contract_xml())["methods"])
-    assert allowed == methods - {"GetPassphrase", "RotatePassphrase", "Revoke", "RegisterVCenter"}
+    root_only = {"GetPassphrase", "RotatePassphrase", "Revoke", "RegisterVCenter", "PushInstall"}
+    assert allowed == methods - root_only
 
 
 def test_unmodified_policy_loads(bus_dir: Path, api: FakeConfig, loop: Any) -> None:

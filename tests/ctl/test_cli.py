@@ -164,6 +164,7 @@ def _answers() -> dict[str, Any]:
         "SetReplica": lambda machine, settings: settings,
         "ListVCenters": [{"name": "vc-dr", "site": "dr", "address": "vc:443"}],
         "RegisterVCenter": lambda *a: {"name": a[0], "address": a[2], "thumbprint": a[5]},
+        "PushInstall": "j-30",
     }
 
 
@@ -241,6 +242,7 @@ def test_help_lists_every_command_and_exit_status() -> None:
         "test-failover", "cleanup", "failover", "commit", "cancel", "failback", "replica",
         "vcenters",
         "vcenter-add",
+        "push-install",
     ):  # fmt: skip
         # a long name gets its own line, its help on the next
         assert re.search(rf"\n    {command}[ \n]", done.stdout), command
@@ -645,3 +647,24 @@ def test_replica_and_vcenters(ctl: Run, tmp_path: Path) -> None:
     ]
     missing = ctl("vcenter-add", "vc", "vc:443", "--user", "a", "--password-file", "/nope")
     assert missing.code == CtlExit.FAILURE and "cannot read the password file" in missing.err
+
+
+def test_push_install(ctl: Run, tmp_path: Path) -> None:
+    key = tmp_path / "id_push"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n")
+    result = ctl("push-install", "10.0.0.5", "--key", str(key), "--disk", "/dev/sdb")
+    assert (result.code, result.out) == (0, "j-30\n")
+    options = {"key": key.read_text(), "disks": ["/dev/sdb"], "user": "root"}
+    assert result.client.calls == [("PushInstall", ("10.0.0.5", options))]
+    result = ctl("push-install", "h1", "--key", str(key), "--disk", "/dev/sdb", "--disk",
+                 "/dev/sdc", "--user", "admin", "--port", "2222", "--machine", "db1",
+                 "--accept-fingerprint", "SHA256:x", "--server", "cs:9440")  # fmt: skip
+    assert result.client.calls == [("PushInstall", ("h1", {
+        **options, "disks": ["/dev/sdb", "/dev/sdc"], "user": "admin", "port": 2222,
+        "machine": "db1", "accept_fingerprint": "SHA256:x", "server": "cs:9440",
+    }))]  # fmt: skip
+    missing = ctl("push-install", "h1", "--key", str(tmp_path / "nope"), "--disk", "/dev/sdb")
+    assert missing.code == CtlExit.FAILURE and "cannot read the SSH key file" in missing.err
+    assert not missing.client.calls
+    no_disk = ctl("push-install", "h1", "--key", str(key))
+    assert no_disk.code == CtlExit.USAGE and not no_disk.client.calls

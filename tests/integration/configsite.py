@@ -34,10 +34,12 @@ class Site:
     agents: list[subprocess.Popen[bytes]]
     tls: TlsMaterial  # unused by enrolled daemons; RoleDaemon wants one
 
-    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def ctl(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             [sys.executable, "-m", "appliance.ctl", "--bus", self.bus.address, *args],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True, text=True, timeout=timeout, check=False,
         )  # fmt: skip
         assert not check or done.returncode == 0, f"secondsitectl {args}: {done.stderr}"
         return done
