@@ -14,7 +14,7 @@ from typing import ClassVar
 from textual.app import App
 from textual.binding import Binding, BindingType
 
-from tui.client import ConsoleClient, ThreadedClient
+from tui.client import ConsoleClient, ThreadedClient, setup_client
 from tui.screens.dashboard import DashboardScreen
 from tui.screens.help import HelpScreen
 from tui.screens.services import ServicesScreen
@@ -40,9 +40,13 @@ class ConsoleApp(App[None]):
         *,
         refresh_s: float = DEFAULT_REFRESH_S,
         poll_s: float = JOB_POLL_S,
+        setup: ConsoleClient | None = None,
     ) -> None:
         super().__init__()
         self.client = client
+        # Setup1 is this appliance's own service: the system bus (or
+        # $SECONDSITE_BUS_ADDRESS), not --bus, which may name a remote server's.
+        self.setup = setup if setup is not None else setup_client()
         self.refresh_s = refresh_s
         self.poll_s = poll_s
 
@@ -56,14 +60,15 @@ class ConsoleApp(App[None]):
 
     def action_services(self) -> None:
         if not isinstance(self.screen, ServicesScreen):
-            self.push_screen(ServicesScreen())
+            self.push_screen(ServicesScreen(self.setup))
 
     def action_setup(self) -> None:
         if not isinstance(self.screen, SetupScreen):
-            self.push_screen(SetupScreen())
+            self.push_screen(SetupScreen(self.setup))
 
     def on_unmount(self) -> None:
         self.client.close()
+        self.setup.close()
 
 
 def _seconds(text: str) -> float:

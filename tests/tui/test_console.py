@@ -25,8 +25,6 @@ from tui.screens.confirm import ConfirmScreen
 from tui.screens.dashboard import DashboardScreen
 from tui.screens.job import JobScreen
 from tui.screens.machine import MachineScreen
-from tui.screens.services import ServicesScreen
-from tui.screens.setup import SetupScreen
 from tui.widgets.alerts_list import AlertsList
 from tui.widgets.error_line import ErrorLine
 from tui.widgets.fitted_table import FittedTable
@@ -307,19 +305,10 @@ def test_long_names_are_cut_not_scrolled() -> None:
     run(scenario, fake)
 
 
-def test_services_and_setup_are_placeholders() -> None:
+def test_help_screen() -> None:
+    # The services view and the setup wizard are tested in test_setup.py.
     async def scenario(app: ConsoleApp, pilot: Pilot[None], fake: FakeClient) -> None:
-        await pilot.press("s")
-        await until(pilot, lambda: isinstance(app.screen, ServicesScreen))
-        units = app.screen.query_one("#units", DataTable)
-        assert "secondsite-configd.service" in column(units, "UNIT")
-        assert set(column(units, "STATE")) == {"not available"}
-        screenshot(app, "services")
-        await pilot.press("escape", "w")
-        await until(pilot, lambda: isinstance(app.screen, SetupScreen))
-        assert "setup is not available yet" in text_of(app.screen.query_one("#message", Static))
-        screenshot(app, "setup")
-        await pilot.press("escape", "question_mark")
+        await pilot.press("question_mark")
         await until(pilot, lambda: len(app.screen_stack) > 2)
         screenshot(app, "help")
         await pilot.press("escape", "q")
