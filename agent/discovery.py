@@ -146,6 +146,18 @@ def discover(
     return disks
 
 
+def disk_identity(disk: Disk) -> str:
+    """What tells this disk from another one behind the same kernel name after a
+    reboot: its serial number (with vendor and model), or a loop device's backing file.
+    Empty when the kernel shows neither (a VMware disk without disk.EnableUUID): then
+    the name and the size are all there is."""
+    if disk.serial:
+        return f"serial:{disk.vendor or ''}:{disk.model or ''}:{disk.serial}"
+    if disk.backing_file:
+        return f"file:{disk.backing_file.removesuffix(' (deleted)')}"
+    return ""
+
+
 def refresh(
     disk: Disk,
     sys_root: Path = Path("/sys"),

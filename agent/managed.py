@@ -26,7 +26,7 @@ from typing import Any
 
 from agent import failback
 from agent.config import AgentConfig
-from agent.discovery import Disk, refresh
+from agent.discovery import Disk, disk_identity, refresh
 from agent.errors import AgentError
 from agent.remote import stream_digests
 from agent.replicator import AckRelay, Replicator
@@ -85,7 +85,7 @@ class Controller:
             if p is not None:
                 percent, done = p.percent, p.done
             else:  # not replicating now: what the saved state says
-                state = load_state(self.config.state_dir, disk_id, disk.size)
+                state = load_state(self.config.state_dir, disk_id, disk.size, disk_identity(disk))
                 percent, done = state.initial_percent, state.initial_done
             disks.append(
                 {

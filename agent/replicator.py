@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.capture import DEFAULT_BUDGET, Capture, capture_machine
-from agent.discovery import Disk, refresh
+from agent.discovery import Disk, disk_identity, refresh
 from agent.errors import AgentError
 from agent.replicator_disk import AckRelay, DiskRun, Progress, split
 from agent.resync import RemoteDigests, differing_chunks
@@ -113,7 +113,8 @@ class Replicator:
         self._runs = []
         for disk in disks:
             disk_id = f"{machine_id}-{disk.name}"
-            self._runs.append(DiskRun(disk, disk_id, load(self.state_dir, disk_id, disk.size)))
+            state = load(self.state_dir, disk_id, disk.size, disk_identity(disk))
+            self._runs.append(DiskRun(disk, disk_id, state))
         self._by_id = {run.disk_id: run for run in self._runs}
         for run in self._runs:
             sender.add_disk(run.disk_id, machine_id, run.disk.size)

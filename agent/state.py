@@ -27,6 +27,9 @@ class DiskState:
     acked_seq: int = 0
     initial_offset: int = 0  # [0, initial_offset) of the initial copy is durable remotely
     initial_done: bool = False
+    # What the disk is, beyond its kernel name (serial number, loop backing file): the
+    # name can move to another disk across a reboot, and this state must not follow it.
+    identity: str = ""
 
     def snapshot(self) -> DiskState:
         return replace(self)
@@ -42,14 +45,15 @@ def state_path(state_dir: Path, disk_id: str) -> Path:
     return state_dir / f"{disk_id}.json"
 
 
-def load(state_dir: Path, disk_id: str, size: int) -> DiskState:
-    """The saved state, or a fresh one. A disk whose size changed starts over (its
-    initial copy no longer describes it); a file that does not parse is StateCorrupt."""
+def load(state_dir: Path, disk_id: str, size: int, identity: str = "") -> DiskState:
+    """The saved state, or a fresh one. A disk whose size changed, or which is another
+    disk now (its identity differs), starts over: its initial copy no longer describes
+    what is there. A file that does not parse is StateCorrupt."""
     path = state_path(state_dir, disk_id)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return DiskState(disk_id, size)
+        return DiskState(disk_id, size, identity=identity)
     try:
         data = json.loads(raw)
         if data.get("version") != VERSION:
@@ -60,14 +64,16 @@ def load(state_dir: Path, disk_id: str, size: int) -> DiskState:
             acked_seq=int(data["acked_seq"]),
             initial_offset=int(data["initial_offset"]),
             initial_done=bool(data["initial_done"]),
+            identity=str(data.get("identity", "")),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise StateCorrupt(path, str(exc)) from exc
     if state.disk_id != disk_id:
         raise StateCorrupt(path, f"holds disk {state.disk_id!r}, not {disk_id!r}")
-    if state.size != size:
+    if state.size != size or (identity and state.identity and state.identity != identity):
         # The sequence still continues after the receiver's; only the copy restarts.
-        return DiskState(disk_id, size, acked_seq=state.acked_seq)
+        return DiskState(disk_id, size, acked_seq=state.acked_seq, identity=identity)
+    state.identity = identity or state.identity
     if not 0 <= state.initial_offset <= size or state.acked_seq < 0:
         raise StateCorrupt(path, f"offset {state.initial_offset} or seq {state.acked_seq}")
     return state
