@@ -285,6 +285,38 @@ class Config1(SignatureCheckedObject):
         work = lambda: self._api.failback(_name(machine, "machine"))  # noqa: E731
         self._submit(reply, error, work, _job)
 
+    # -- recovery plans ------------------------------------------------------------
+
+    @dbus.service.method(INTERFACE, in_signature="sa{sv}", out_signature="a{sv}", **_ASYNC)
+    def SetPlan(self, name: str, spec: dict[Any, Any], reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.set_plan(_name(name, "plan"), _settings(spec))  # noqa: E731
+        self._submit(reply, error, work, _record)
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="aa{sv}", **_ASYNC)
+    def ListPlans(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, self._api.plans, _records)
+
+    @dbus.service.method(INTERFACE, in_signature="ss", out_signature="s", **_ASYNC)
+    def PlanTestFailover(self, name: str, point: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.plan_test_failover(  # noqa: E731
+            _name(name, "plan"), _name(point, "point")
+        )
+        self._submit(reply, error, work, _job)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="s", **_ASYNC)
+    def PlanCleanup(self, name: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.plan_cleanup(_name(name, "plan"))  # noqa: E731
+        self._submit(reply, error, work, _job)
+
+    @dbus.service.method(INTERFACE, in_signature="sss", out_signature="s", **_ASYNC)
+    def PlanFailover(
+        self, name: str, point: str, mode: str, reply: Reply, error: ErrorReply
+    ) -> None:
+        work = lambda: self._api.plan_failover(  # noqa: E731
+            _name(name, "plan"), _name(point, "point"), _name(mode, "mode")
+        )
+        self._submit(reply, error, work, _job)
+
     # -- root only (units/dbus-1/system.d/org.secondsite.Config1.conf) --------------
 
     @dbus.service.method(INTERFACE, in_signature="ssssss", out_signature="a{sv}", **_ASYNC)

@@ -43,6 +43,9 @@ class JobKind(StrEnum):
     CANCEL = "cancel"  # a failover not yet committed
     FAILBACK = "failback"  # of a committed failover: the original machine is the target
     PUSH_INSTALL = "push-install"  # of the agent, by a process server over SSH
+    PLAN_TEST_FAILOVER = "plan-test-failover"  # of a recovery plan's machines, in groups
+    PLAN_CLEANUP = "plan-cleanup"
+    PLAN_FAILOVER = "plan-failover"
 
 
 class JobState(StrEnum):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance import __version__
-from appliance.config import failback, failover, health, protection, push
+from appliance.config import failback, failover, health, plans, protection, push
 from appliance.config.api import (
     AlertChanged,
     MachineStateChanged,
@@ -113,6 +113,7 @@ class ConfigService:
             ops = failover.ServiceOps(target_call, vcenters, self.agent_alive)
             definitions |= failover.definitions(ops)
             definitions |= failback.definitions(ops)
+            definitions |= plans.definitions(self._submit_child)
         self._push_call = push_call
         self._push_keys: dict[str, str] = {}  # job id -> SSH key text: memory only, never stored
         if push_call is not None:
@@ -561,8 +562,11 @@ class ConfigService:
 
     # -- failover family (appliance.config.failover, drill) ---------------------------
 
-    def _failover_job(self, kind: JobKind, machine: str, params: Record) -> str:
-        self.inventory.machine(_name(machine, "machine"))
+    def _failover_job(
+        self, kind: JobKind, machine: str, params: Record, *, is_machine: bool = True
+    ) -> str:
+        if is_machine:
+            self.inventory.machine(_name(machine, "machine"))
         if self.vcenters is None or self._target_call is None:
             raise ConfigServerError("failover is not configured on this server")
         return self.engine.submit(kind, machine, params)
@@ -624,6 +628,39 @@ class ConfigService:
 
     async def failback(self, machine: str) -> str:
         return self._failover_job(JobKind.FAILBACK, machine, {})
+
+    # -- recovery plans (appliance.config.plans) -----------------------------------------
+
+    async def set_plan(self, name: str, spec: Record) -> Record:
+        known = {m["name"] for m in self.inventory.machines()}
+        parsed = plans.PlanSpec.parse(spec, known)
+        return self.inventory.set_plan(_name(name, "plan"), parsed.record())
+
+    async def plans(self) -> list[Record]:
+        return self.inventory.plans()
+
+    def _submit_child(self, kind: JobKind, machine: str, params: Record) -> str:
+        # A method, not `self.engine.submit`: the engine is made after the definitions.
+        return self.engine.submit(kind, machine, params)
+
+    def _plan_job(self, kind: JobKind, name: str, params: Record) -> str:
+        # The spec is copied into the job: a restart resumes the plan that was started.
+        spec = self.inventory.plan(_name(name, "plan"))["spec"]
+        params = {"plan": name, "spec": spec, **params}
+        return self._failover_job(kind, plans.subject(name), params, is_machine=False)
+
+    async def plan_test_failover(self, name: str, point: str) -> str:
+        point_ = plans.plan_point(point)
+        return self._plan_job(JobKind.PLAN_TEST_FAILOVER, name, {"point": point_})
+
+    async def plan_cleanup(self, name: str) -> str:
+        return self._plan_job(JobKind.PLAN_CLEANUP, name, {})
+
+    async def plan_failover(self, name: str, point: str, mode: str) -> str:
+        if mode not in ("planned", "unplanned"):
+            raise InvalidArgument("mode must be planned or unplanned")
+        params = {"point": plans.plan_point(point), "mode": mode}
+        return self._plan_job(JobKind.PLAN_FAILOVER, name, params)
 
     async def push_install(self, host: str, options: Record) -> str:
         """A job in which a process server installs the agent on `host` over SSH."""

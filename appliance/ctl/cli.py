@@ -298,6 +298,7 @@ def _add_failover(add: Callable[..., argparse.ArgumentParser]) -> None:
         "after a committed failover: power the VM off, bring the original machine's disks "
         "level with it (only what differs travels), protect it again",
         "failback web01 --wait")  # fmt: skip
+    _add_plans(add)
     replica = add("replica", failover.cmd_replica_set,
                   "set where the machine's VM goes at failover, from a JSON file ('-': stdin; "
                   "keys in appliance/config/replica.py)", "replica web01 replica.json")  # fmt: skip
@@ -336,6 +337,39 @@ def _add_failover(add: Callable[..., argparse.ArgumentParser]) -> None:
     pi.add_argument("--wait", action="store_true", help="follow the job; exit 1 if it fails")
     pi.add_argument("--test-prefix", help=argparse.SUPPRESS)  # tests: install under a root
     pi.add_argument("--test-without-systemd", action="store_true", help=argparse.SUPPRESS)
+
+
+def _add_plans(add: Callable[..., argparse.ArgumentParser]) -> None:
+    point_help = (
+        "latest (default) or a time (Unix seconds or ISO 8601): each machine's own newest "
+        "usable point at or before it (a common time, not a cross-machine consistency point)"
+    )
+
+    def job(name: str, func: Callable[..., int], text: str) -> argparse.ArgumentParser:
+        command = add(name, func, text, f"{name} erp --wait")
+        command.add_argument("name", help="the plan")
+        command.add_argument(
+            "--wait", action="store_true", help="follow the job; exit 1 if it fails"
+        )
+        return command
+
+    add("plans", failover.cmd_plans, "list recovery plans", "plans")
+    spec = add("plan-set", failover.cmd_plan_set,
+               "create or replace a recovery plan from a JSON file ('-': stdin): "
+               '{"groups": [{"machines": [...], "wait_s": 30, "pre": CMD, "post": CMD}]}; '
+               "pre/post run on the configuration server", "plan-set erp erp.json")  # fmt: skip
+    spec.add_argument("name")
+    spec.add_argument("file", metavar="FILE")
+    drill = job("plan-test-failover", failover.cmd_plan_test_failover,
+                "test-fail the plan's machines over, group by group")  # fmt: skip
+    drill.add_argument("--point", default="", help=point_help)
+    job("plan-cleanup", failover.cmd_plan_cleanup, "clean up the drill of every machine of a plan")
+    real = job("plan-failover", failover.cmd_plan_failover,
+               "fail the plan's machines over, group by group")  # fmt: skip
+    real.add_argument("--point", default="", help=point_help)
+    real.add_argument(
+        "--unplanned", action="store_true", help="the sources are gone: do not wait for agents"
+    )
 
 
 def dbus_client(address: str | None) -> ConfigClient:

@@ -1,4 +1,4 @@
-"""secondsitectl's failover commands: vCenters, replica settings, and the failover jobs."""
+"""secondsitectl's failover commands: vCenters, replica settings, failover jobs, plans."""
 
 from __future__ import annotations
 
@@ -47,16 +47,59 @@ def cmd_failback(ctx: Context, args: argparse.Namespace) -> int:
     return _start_job(ctx, args, ctx.call("Failback", args.machine))
 
 
-def cmd_replica_set(ctx: Context, args: argparse.Namespace) -> int:
+def _json_object(path: str, what: str) -> dict[str, Any]:
     try:
-        settings = json.loads(Path(args.file).read_text() if args.file != "-" else input())
+        value = json.loads(Path(path).read_text() if path != "-" else input())
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read replica settings from {args.file}: {exc}") from None
-    if not isinstance(settings, dict):
-        raise UsageError("replica settings must be a JSON object")
+        raise UsageError(f"cannot read {what} from {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} must be a JSON object")
+    return value
+
+
+def cmd_replica_set(ctx: Context, args: argparse.Namespace) -> int:
+    settings = _json_object(args.file, "replica settings")
     record = ctx.record("SetReplica", args.machine, settings)
     ctx.print(render.to_json(record) if ctx.json else f"Replica settings of {args.machine} set.")
     return CtlExit.OK
+
+
+def cmd_plans(ctx: Context, args: argparse.Namespace) -> int:
+    records = ctx.records("ListPlans")
+    if ctx.json:
+        ctx.print(render.to_json(records))
+        return CtlExit.OK
+    for record in records:
+        groups = []
+        for n, g in enumerate((record.get("spec") or {}).get("groups", []), 1):
+            extra = [f"{k} {g[k]!r}" for k in ("pre", "post") if g.get(k)]
+            if g.get("wait_s"):
+                extra.append(f"then wait {g['wait_s']:g} s")
+            groups.append(f"{n}: {' '.join(g['machines'])}" + (f" ({', '.join(extra)})"
+                                                               if extra else ""))  # fmt: skip
+        ctx.print(f"{record['name']}  " + "; ".join(groups))
+    if ctx.legend:
+        ctx.print(f"\n{len(records)} plans listed.")
+    return CtlExit.OK
+
+
+def cmd_plan_set(ctx: Context, args: argparse.Namespace) -> int:
+    record = ctx.record("SetPlan", args.name, _json_object(args.file, "a plan spec"))
+    ctx.print(render.to_json(record) if ctx.json else f"Plan {args.name} set.")
+    return CtlExit.OK
+
+
+def cmd_plan_test_failover(ctx: Context, args: argparse.Namespace) -> int:
+    return _start_job(ctx, args, ctx.call("PlanTestFailover", args.name, args.point))
+
+
+def cmd_plan_cleanup(ctx: Context, args: argparse.Namespace) -> int:
+    return _start_job(ctx, args, ctx.call("PlanCleanup", args.name))
+
+
+def cmd_plan_failover(ctx: Context, args: argparse.Namespace) -> int:
+    mode = "unplanned" if args.unplanned else "planned"
+    return _start_job(ctx, args, ctx.call("PlanFailover", args.name, args.point, mode))
 
 
 VCENTER_COLUMNS = ("name", "site", "address", "thumbprint")

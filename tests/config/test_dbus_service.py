@@ -223,6 +223,24 @@ class FakeConfig:
         self._machine(machine)
         return "job-failback"
 
+    async def set_plan(self, name: str, spec: Record) -> Record:
+        self.calls.append(("set_plan", (name, spec)))
+        return {"name": name, "spec": spec}
+
+    async def plans(self) -> list[Record]:
+        return [{"name": "erp", "spec": {"groups": [{"machines": ["web01"], "wait_s": 0.0}]}}]
+
+    async def plan_test_failover(self, name: str, point: str) -> str:
+        self.calls.append(("plan_test_failover", (name, point)))
+        return "job-plan-tfo"
+
+    async def plan_cleanup(self, name: str) -> str:
+        return "job-plan-cleanup"
+
+    async def plan_failover(self, name: str, point: str, mode: str) -> str:
+        self.calls.append(("plan_failover", (name, point, mode)))
+        return "job-plan-failover"
+
     async def push_install(self, host: str, options: Record) -> str:
         self.calls.append(("push_install", (host, options)))
         return "job-push"
@@ -370,6 +388,15 @@ def test_changes_round_trip(client: Config1Client, api: FakeConfig) -> None:
         assert client.call(method, "web01") == f"job-{method.lower()}"
     assert client.call("SetReplica", "web01", {"cpus": 2}) == {"cpus": 2}
     assert client.call("ListVCenters") == [{"name": "vc-dr", "address": "vc:443", "site": "dr"}]
+    spec = {"groups": [{"machines": ["web01", "db01"], "wait_s": 30, "pre": "true"}]}
+    assert client.call("SetPlan", "erp", spec) == {"name": "erp", "spec": spec}
+    assert ("set_plan", ("erp", spec)) in api.calls
+    assert client.call("ListPlans")[0]["spec"]["groups"][0]["machines"] == ["web01"]
+    assert client.call("PlanTestFailover", "erp", "latest") == "job-plan-tfo"
+    assert ("plan_test_failover", ("erp", "latest")) in api.calls
+    assert client.call("PlanCleanup", "erp") == "job-plan-cleanup"
+    assert client.call("PlanFailover", "erp", "1700000000", "unplanned") == "job-plan-failover"
+    assert ("plan_failover", ("erp", "1700000000", "unplanned")) in api.calls
     with pytest.raises(DBusCallError, match="confirm the thumbprint"):
         client.call("RegisterVCenter", "vc-dr", "dr", "vc:443", "u", "pw", "")
     record = client.call("RegisterVCenter", "vc-dr", "dr", "vc:443", "u", "pw", "AA:BB")
@@ -581,6 +608,11 @@ _PROBE_CALLS = [
     ["ListMachines", []],
     ["Protect", ["web01", ""]],
     ["SetPolicy", ["gold", {"rpo": 5}]],
+    ["ListPlans", []],
+    ["SetPlan", ["erp", {"groups": [{"machines": ["web01"]}]}]],
+    ["PlanTestFailover", ["erp", "latest"]],
+    ["PlanCleanup", ["erp"]],
+    ["PlanFailover", ["erp", "", "planned"]],
     ["GetAll", []],
     ["GetPassphrase", []],
     ["RotatePassphrase", []],

@@ -165,6 +165,21 @@ def _answers() -> dict[str, Any]:
         "ListVCenters": [{"name": "vc-dr", "site": "dr", "address": "vc:443"}],
         "RegisterVCenter": lambda *a: {"name": a[0], "address": a[2], "thumbprint": a[5]},
         "PushInstall": "j-30",
+        "ListPlans": [
+            {
+                "name": "erp",
+                "spec": {
+                    "groups": [
+                        {"machines": ["db01"], "wait_s": 30.0, "pre": "/srv/pre.sh"},
+                        {"machines": ["web01", "web02"], "wait_s": 0.0},
+                    ]
+                },
+            }
+        ],
+        "SetPlan": lambda name, spec: {"name": name, "spec": spec},
+        "PlanTestFailover": "j-40",
+        "PlanCleanup": "j-41",
+        "PlanFailover": "j-42",
     }
 
 
@@ -243,6 +258,7 @@ def test_help_lists_every_command_and_exit_status() -> None:
         "vcenters",
         "vcenter-add",
         "push-install",
+        "plans", "plan-set", "plan-test-failover", "plan-cleanup", "plan-failover",
     ):  # fmt: skip
         # a long name gets its own line, its help on the next
         assert re.search(rf"\n    {command}[ \n]", done.stdout), command
@@ -625,6 +641,29 @@ def test_failover_family(ctl: Run, tmp_path: Path) -> None:
         ("cleanup", "j-21"), ("commit", "j-23"), ("cancel", "j-24"), ("failback", "j-25"),
     ):  # fmt: skip
         assert ctl(command, "web01").out == f"{job}\n"
+
+
+def test_plans(ctl: Run, tmp_path: Path) -> None:
+    out = ctl("plans").out
+    assert "erp  1: db01 (pre '/srv/pre.sh', then wait 30 s); 2: web01 web02" in out
+    assert json.loads(ctl("plans", "--json").out)[0]["name"] == "erp"
+    spec = {"groups": [{"machines": ["db01"], "post": "true"}]}
+    (tmp_path / "erp.json").write_text(json.dumps(spec))
+    result = ctl("plan-set", "erp", str(tmp_path / "erp.json"))
+    assert (result.code, result.out) == (0, "Plan erp set.\n")
+    assert result.client.calls == [("SetPlan", ("erp", spec))]
+    (tmp_path / "list.json").write_text("[]")
+    bad = ctl("plan-set", "erp", str(tmp_path / "list.json"))
+    assert bad.code == CtlExit.USAGE and "a plan spec must be a JSON object" in bad.err
+    result = ctl("plan-test-failover", "erp", "--point", "1700000000")
+    assert (result.code, result.out) == (0, "j-40\n")
+    assert result.client.calls == [("PlanTestFailover", ("erp", "1700000000"))]
+    assert ctl("plan-cleanup", "erp").client.calls == [("PlanCleanup", ("erp",))]
+    result = ctl("plan-failover", "erp")
+    assert result.client.calls == [("PlanFailover", ("erp", "", "planned"))]
+    result = ctl("plan-failover", "erp", "--unplanned", "--point", "2026-11-26T03:00:00")
+    assert result.client.calls == [("PlanFailover", ("erp", "2026-11-26T03:00:00", "unplanned"))]
+    assert result.out == "j-42\n"
 
 
 def test_replica_and_vcenters(ctl: Run, tmp_path: Path) -> None:
