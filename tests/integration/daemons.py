@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from appliance.wire.connection import open_connection
 from appliance.wire.messages import Hello, Request, Response
@@ -147,7 +148,7 @@ def ProcessDaemon(
     return RoleDaemon(state_dir, port, tls, config + extra_config, "appliance.process")
 
 
-async def rpc(daemon: RoleDaemon, tls: TlsMaterial, method: str, **params: object) -> dict:  # type: ignore[type-arg]
+async def rpc(daemon: RoleDaemon, tls: TlsMaterial, method: str, **params: object) -> Any:
     ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
     conn = await open_connection("127.0.0.1", daemon.port, ctx, server_hostname="localhost")
     try:
@@ -157,6 +158,6 @@ async def rpc(daemon: RoleDaemon, tls: TlsMaterial, method: str, **params: objec
         while not isinstance(reply := await conn.recv(), Response):
             pass
         assert reply.ok, reply.result
-        return json.loads(reply.result)  # type: ignore[no-any-return]
+        return json.loads(reply.result)
     finally:
         conn.close()
