@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from functools import partial
-from importlib import resources
 from typing import Any
 
 import dbus
@@ -32,16 +30,25 @@ from appliance.config.api import (
 )
 from appliance.config.errors import ConfigServerError, InvalidArgument
 from appliance.dbus.bridge import (
-    BridgeClosed,
     CallBridge,
     ErrorReply,
     Reply,
-    SignatureCheckedObject,
     from_dbus,
     to_dbus_record,
     to_dbus_records,
 )
 from appliance.dbus.glib import GLibThread
+from appliance.dbus.service import (
+    ASYNC,
+    Contract,
+    ContractObject,
+    ServedObject,
+    ServeError,
+    error_mapper,
+    serve,
+)
+
+__all__ = ["Config1", "Config1Server", "ServeError", "contract_xml", "map_error", "serve_config1"]
 
 _log = logging.getLogger(__name__)
 
@@ -53,39 +60,18 @@ CONTRACT = "org.secondsite.Config1.xml"
 MAX_NAME_CHARS = 4096
 GENERIC_FAILURE = "internal error; see the configuration server's journal"
 
-_PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
-_INTROSPECTABLE_IFACE = "org.freedesktop.DBus.Introspectable"
-_ASYNC = {"async_callbacks": ("reply", "error")}
+_ASYNC = ASYNC
+CONTRACT_OF = Contract("appliance.config", CONTRACT, INTERFACE)
+#: The D-Bus error for an exception raised while serving a call (see module doc).
+map_error = error_mapper(
+    ERROR_PREFIX, ConfigServerError, "the configuration server is shutting down",
+    GENERIC_FAILURE, _log,
+)  # fmt: skip
 
 
 def contract_xml() -> str:
     """The interface contract shipped beside this module."""
-    return resources.files("appliance.config").joinpath(CONTRACT).read_text()
-
-
-class ServeError(Exception):
-    """The service could not be put on the bus (an operator/policy problem, not a bug)."""
-
-
-class _DBusError(dbus.DBusException):
-    """A named D-Bus error whose reply carries the message only, never a traceback."""
-
-    include_traceback = False
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message, name=name)
-
-
-def map_error(exc: BaseException) -> dbus.DBusException:
-    """The D-Bus error for an exception raised while serving a call (see module doc)."""
-    if isinstance(exc, dbus.DBusException):
-        return exc  # already named on purpose (e.g. a standard Properties error)
-    if isinstance(exc, ConfigServerError):
-        return _DBusError(ERROR_PREFIX + exc.dbus_name, exc.message)
-    if isinstance(exc, BridgeClosed):
-        return _DBusError(ERROR_PREFIX + "Failed", "the configuration server is shutting down")
-    _log.error("bug while serving a D-Bus call", exc_info=exc)
-    return _DBusError(ERROR_PREFIX + "Failed", GENERIC_FAILURE)
+    return CONTRACT_OF.xml()
 
 
 def _name(value: str, what: str) -> str:
@@ -121,7 +107,7 @@ def _records(records: list[Record]) -> tuple[Any, ...]:
     return (to_dbus_records(records),)
 
 
-def _properties(summary: Summary) -> dict[str, Any]:
+def _summary_properties(summary: Summary) -> dict[str, Any]:
     return {
         "Version": dbus.String(summary.version),
         "Machines": dbus.UInt32(summary.machines),
@@ -132,19 +118,14 @@ def _properties(summary: Summary) -> dict[str, Any]:
     }
 
 
-class Config1(SignatureCheckedObject):
+class Config1(ContractObject):
     """The org.secondsite.Config1 object; methods delegate to a `ConfigApi`."""
 
-    def __init__(self, api: ConfigApi, bridge: CallBridge, glib: GLibThread) -> None:
-        super().__init__()
-        self._api = api
-        self._bridge = bridge
-        self._glib = glib
+    contract = CONTRACT_OF
 
-    def _submit(
-        self, reply: Reply, error: ErrorReply, work: Callable[[], Any], out: Callable[[Any], Any]
-    ) -> None:
-        self._bridge.submit(reply, error, work, out)
+    def __init__(self, api: ConfigApi, bridge: CallBridge, glib: GLibThread) -> None:
+        super().__init__(bridge, glib)
+        self._api = api
 
     # -- reads ---------------------------------------------------------------------
 
@@ -352,50 +333,8 @@ class Config1(SignatureCheckedObject):
 
     # -- properties (read-only, from ConfigApi.summary on the loop) -----------------
 
-    async def _summary(self) -> dict[str, Any]:
-        return _properties(self._api.summary())
-
-    @dbus.service.method(_PROPERTIES_IFACE, in_signature="ss", out_signature="v", **_ASYNC)
-    def Get(self, interface_name: str, property_name: str, reply: Reply, error: ErrorReply) -> None:
-        def pick(props: dict[str, Any]) -> tuple[Any, ...]:
-            _check_interface(interface_name)
-            if property_name not in props:
-                raise _unknown_property(property_name)
-            return (props[property_name],)
-
-        self._submit(reply, error, self._summary, pick)
-
-    @dbus.service.method(_PROPERTIES_IFACE, in_signature="s", out_signature="a{sv}", **_ASYNC)
-    def GetAll(self, interface_name: str, reply: Reply, error: ErrorReply) -> None:
-        def every(props: dict[str, Any]) -> tuple[Any, ...]:
-            _check_interface(interface_name)
-            return (dbus.Dictionary(props, signature="sv"),)
-
-        self._submit(reply, error, self._summary, every)
-
-    @dbus.service.method(_PROPERTIES_IFACE, in_signature="ssv", out_signature="")
-    def Set(self, interface_name: str, property_name: str, value: Any) -> None:
-        _check_interface(interface_name)
-        if property_name not in _PROPERTY_NAMES:
-            raise _unknown_property(property_name)
-        raise _DBusError(
-            "org.freedesktop.DBus.Error.PropertyReadOnly", f"{property_name} is read-only"
-        )
-
-    # -- introspection --------------------------------------------------------------
-
-    @dbus.service.method(
-        _INTROSPECTABLE_IFACE,
-        in_signature="",
-        out_signature="s",
-        path_keyword="object_path",
-        connection_keyword="connection",
-    )
-    def Introspect(self, object_path: str, connection: Any) -> str:
-        # dbus-python's generated XML describes the methods and signals actually
-        # implemented; it knows nothing of properties, so they come from the contract.
-        generated = dbus.service.Object.Introspect(self, object_path, connection)
-        return _with_contract_properties(generated)
+    async def _properties(self) -> dict[str, Any]:
+        return _summary_properties(self._api.summary())
 
     # -- signals (emitted on the GLib thread) -----------------------------------------
 
@@ -437,99 +376,8 @@ class Config1(SignatureCheckedObject):
             raise TypeError(f"unknown signal {signal!r}")
 
 
-_PROPERTY_NAMES = frozenset(
-    e.get("name") for e in ET.fromstring(contract_xml()).iter("property") if e.get("name")
-)
-
-
-def _check_interface(interface_name: str) -> None:
-    if interface_name not in ("", INTERFACE):
-        raise _DBusError(
-            "org.freedesktop.DBus.Error.UnknownInterface",
-            f"{interface_name!r} has no properties here",
-        )
-
-
-def _unknown_property(name: str) -> dbus.DBusException:
-    return _DBusError("org.freedesktop.DBus.Error.UnknownProperty", f"no property {name!r}")
-
-
-def _with_contract_properties(generated: str) -> str:
-    contract = ET.fromstring(contract_xml()).find(f"interface[@name='{INTERFACE}']")
-    assert contract is not None, "the contract XML lost its interface"
-    properties = [ET.tostring(p, encoding="unicode").strip() for p in contract.iter("property")]
-    marker = f'<interface name="{INTERFACE}">\n'
-    head, found, tail = generated.partition(marker)
-    if not found:
-        return generated
-    return head + marker + "".join(f"    {p}\n" for p in properties) + tail
-
-
-class Config1Server:
-    """The handle `serve_config1` returns: `close()` takes the service off the bus."""
-
-    def __init__(
-        self,
-        glib: GLibThread,
-        connection: Any,
-        obj: Config1,
-        bridge: CallBridge,
-        unsubscribe: Callable[[], None],
-    ) -> None:
-        self._glib = glib
-        self._connection = connection
-        self._obj = obj
-        self._bridge = bridge
-        self._unsubscribe = unsubscribe
-        self._closed = False
-
-    @property
-    def glib(self) -> GLibThread:
-        """The process's GLib thread: other dbus-python connections attached to a main
-        loop in this process are dispatched by it and must be used only from it."""
-        return self._glib
-
-    def close(self) -> None:
-        """Stop signals, fail calls in flight, leave the bus and stop the GLib thread.
-
-        Idempotent. Must not be called from the GLib thread.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        self._unsubscribe()
-        self._bridge.close()
-        try:
-            self._glib.call(partial(_leave_bus, self._connection, self._obj), timeout=10.0)
-        finally:
-            self._glib.stop()
-
-
-def _leave_bus(connection: Any, obj: Config1) -> None:
-    obj.remove_from_connection()
-    connection.flush()  # the errors of cancelled calls go out before we leave
-    connection.close()  # also gives up the name
-
-
-def _connect(bus_address: str | None, mainloop: Any) -> Any:
-    target = dbus.bus.BusConnection.TYPE_SYSTEM if bus_address is None else bus_address
-    return dbus.bus.BusConnection(target, mainloop=mainloop)
-
-
-def _own_name(connection: Any) -> None:
-    try:
-        answer = connection.request_name(BUS_NAME, dbus.bus.NAME_FLAG_DO_NOT_QUEUE)
-    except dbus.DBusException as exc:
-        raise ServeError(
-            f"cannot own {BUS_NAME}: {exc.get_dbus_message()} ({exc.get_dbus_name()}); "
-            "is org.secondsite.Config1.conf (units/dbus-1/system.d/) installed in "
-            "/usr/share/dbus-1/system.d, and is the server running as root or secondsite?"
-        ) from None
-    if answer not in (
-        dbus.bus.REQUEST_NAME_REPLY_PRIMARY_OWNER,
-        dbus.bus.REQUEST_NAME_REPLY_ALREADY_OWNER,
-    ):
-        raise ServeError(f"cannot own {BUS_NAME}: another process already owns it")
+#: The handle `serve_config1` returns.
+Config1Server = ServedObject
 
 
 def serve_config1(
@@ -541,30 +389,15 @@ def serve_config1(
     call it on `loop`'s thread (or before the loop runs) since it subscribes to
     `api`. Raises ServeError when the bus is unreachable or the name cannot be owned.
     """
-    glib = GLibThread(name="configd-dbus")
-    glib.start()
-    bridge = CallBridge(loop, glib, map_error)
-    connection: Any = None
-    try:
 
-        def setup() -> tuple[Any, Config1]:
-            nonlocal connection
-            try:
-                connection = _connect(bus_address, glib.mainloop)
-            except dbus.DBusException as exc:
-                where = bus_address or "the system bus"
-                raise ServeError(f"cannot connect to {where}: {exc.get_dbus_message()}") from None
-            obj = Config1(api, bridge, glib)
-            # Exported before the name is taken: the first call finds the object.
-            obj.add_to_connection(connection, OBJECT_PATH)
-            _own_name(connection)
-            return connection, obj
+    def subscribe(obj: ContractObject) -> Callable[[], None]:
+        assert isinstance(obj, Config1)
+        return api.subscribe(obj.notify)
 
-        connection, obj = glib.call(setup)
-        unsubscribe = api.subscribe(obj.notify)
-    except BaseException:
-        if connection is not None:
-            glib.call(connection.close)
-        glib.stop()
-        raise
-    return Config1Server(glib, connection, obj, bridge, unsubscribe)
+    return ServedObject(*serve(
+        bus_name=BUS_NAME, object_path=OBJECT_PATH, thread_name="configd-dbus",
+        make=lambda bridge, glib: Config1(api, bridge, glib), subscribe=subscribe,
+        map_error=map_error, loop=loop, bus_address=bus_address,
+        policy_hint="is org.secondsite.Config1.conf (units/dbus-1/system.d/) installed in "
+        "/usr/share/dbus-1/system.d, and is the server running as root or secondsite?",
+    ))  # fmt: skip

@@ -22,7 +22,7 @@ import os
 import xml.etree.ElementTree as ET
 from importlib import resources
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import dbus
 import dbus.bus
@@ -56,27 +56,27 @@ class DBusCallError(Exception):
         return self.name.rsplit(".", 1)[-1]
 
 
-def _in_signatures() -> dict[str, list[str]]:
-    xml = resources.files("appliance.config").joinpath("org.secondsite.Config1.xml")
-    root = ET.fromstring(xml.read_text())
-    signatures: dict[str, list[str]] = {}
-    for method in root.iter("method"):
-        args = [a for a in method.iter("arg") if a.get("direction", "in") == "in"]
-        signatures[str(method.get("name"))] = [str(a.get("type")) for a in args]
-    return signatures
+def in_signatures(package: str, contract: str) -> dict[str, list[str]]:
+    """Each method's input argument types, from the contract XML shipped in `package`."""
+    root = ET.fromstring(resources.files(package).joinpath(contract).read_text())
+    return {
+        str(m.get("name")): [
+            str(a.get("type")) for a in m.iter("arg") if a.get("direction", "in") == "in"
+        ]
+        for m in root.iter("method")
+    }
 
 
-# Read once at import: the contract ships inside the package.
-_SIGNATURES = _in_signatures()
+class ServiceClient:
+    """One private connection to the bus; calls a Secondsite service synchronously.
 
+    Subclasses name the service and its contract; `_wire` may type arguments further
+    (records go out with our variant types: int64, not dbus-python's guess int32)."""
 
-def _error(exc: dbus.DBusException) -> DBusCallError:
-    name = exc.get_dbus_name() or "org.freedesktop.DBus.Error.Failed"
-    return DBusCallError(name, exc.get_dbus_message() or str(exc))
-
-
-class Config1Client:
-    """One private connection to the bus; call methods and read properties synchronously."""
+    bus_name: ClassVar[str]
+    object_path: ClassVar[str]
+    interface: ClassVar[str]
+    signatures: ClassVar[dict[str, list[str]]]  # read once, from the contract
 
     def __init__(self, bus_address: str | None = None, timeout: float = 25.0) -> None:
         address = bus_address or os.environ.get(ADDRESS_ENV) or None
@@ -88,27 +88,26 @@ class Config1Client:
             where = address or "the system bus"
             raise DBusCallError(NO_BUS, f"cannot connect to {where}: {exc}") from None
 
+    def _wire(self, value: Any, signature: str) -> Any:
+        return to_dbus_record(value) if signature == "a{sv}" else value
+
     def call(self, method: str, *args: Any) -> Any:
-        """Call `method` of org.secondsite.Config1; None, one value, or a tuple of values."""
-        signature = _SIGNATURES.get(method)
+        """Call `method` of the service's interface; None or its result, plain Python."""
+        signature = self.signatures.get(method)
         if signature is None:
-            raise DBusCallError(UNKNOWN_METHOD, f"{INTERFACE} has no method {method!r}")
+            raise DBusCallError(UNKNOWN_METHOD, f"{self.interface} has no method {method!r}")
         if len(args) != len(signature):
             raise DBusCallError(
                 "org.freedesktop.DBus.Error.InvalidArgs",
                 f"{method} takes {len(signature)} arguments, not {len(args)}",
             )
-        # Records go out with our variant types (int64, not dbus-python's guess int32).
-        wire = [
-            to_dbus_record(a) if sig == "a{sv}" else a
-            for a, sig in zip(args, signature, strict=True)
-        ]
-        return self._invoke(INTERFACE, method, "".join(signature), wire)
+        wire = [self._wire(a, sig) for a, sig in zip(args, signature, strict=True)]
+        return self._invoke(self.interface, method, "".join(signature), wire)
 
     def properties(self) -> dict[str, Any]:
-        """Every property of org.secondsite.Config1 as a plain dict."""
+        """Every property of the interface as a plain dict."""
         result: dict[str, Any] = self._invoke(
-            "org.freedesktop.DBus.Properties", "GetAll", "s", [INTERFACE]
+            "org.freedesktop.DBus.Properties", "GetAll", "s", [self.interface]
         )
         return result
 
@@ -117,16 +116,18 @@ class Config1Client:
         # before the call with an error of its own; the contract gives the signatures.
         try:
             result = self._connection.call_blocking(
-                BUS_NAME, OBJECT_PATH, interface, method, signature, args, timeout=self._timeout
-            )
+                self.bus_name, self.object_path, interface, method, signature, args,
+                timeout=self._timeout,
+            )  # fmt: skip
         except dbus.DBusException as exc:
-            raise _error(exc) from None
+            name = exc.get_dbus_name() or "org.freedesktop.DBus.Error.Failed"
+            raise DBusCallError(name, exc.get_dbus_message() or str(exc)) from None
         return None if result is None else from_dbus(result)
 
     def close(self) -> None:
         self._connection.close()
 
-    def __enter__(self) -> Config1Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -136,3 +137,12 @@ class Config1Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class Config1Client(ServiceClient):
+    """org.secondsite.Config1 (the configuration server)."""
+
+    bus_name = BUS_NAME
+    object_path = OBJECT_PATH
+    interface = INTERFACE
+    signatures = in_signatures("appliance.config", "org.secondsite.Config1.xml")

@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from functools import partial
-from importlib import resources
 from typing import Any
 
 import dbus
@@ -23,20 +21,28 @@ import dbus.bus
 import dbus.service
 
 from appliance.dbus.bridge import (
-    BridgeClosed,
     CallBridge,
     ErrorReply,
     Reply,
-    SignatureCheckedObject,
     from_dbus,
     to_dbus_value,
 )
 from appliance.dbus.glib import GLibThread
+from appliance.dbus.service import (
+    ASYNC,
+    Contract,
+    ContractObject,
+    ServedObject,
+    ServeError,
+    error_mapper,
+    serve,
+)
 from appliance.setup.core import Changed as ChangeEvent
 from appliance.setup.core import SetupCore, Summary
 from appliance.setup.errors import InvalidArgument, SetupError
 
 _log = logging.getLogger(__name__)
+__all__ = ["ServeError", "Setup1", "Setup1Server", "contract_xml", "map_error", "serve_setup1"]
 
 BUS_NAME = "org.secondsite.Setup1"
 OBJECT_PATH = "/org/secondsite/Setup1"
@@ -49,35 +55,15 @@ MAX_ARG_CHARS = 4096
 # would send an empty list as aa{sv}).
 STRING_LISTS = frozenset({"addresses", "dns"})
 
-_PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
-_INTROSPECTABLE_IFACE = "org.freedesktop.DBus.Introspectable"
-_ASYNC = {"async_callbacks": ("reply", "error")}
+_ASYNC = ASYNC
+CONTRACT_OF = Contract("appliance.setup", CONTRACT, INTERFACE)
+map_error = error_mapper(
+    ERROR_PREFIX, SetupError, "the setup service is shutting down", GENERIC_FAILURE, _log
+)
 
 
 def contract_xml() -> str:
-    return resources.files("appliance.setup").joinpath(CONTRACT).read_text()
-
-
-class ServeError(Exception):
-    """The service could not be put on the bus (an operator/policy problem, not a bug)."""
-
-
-class _DBusError(dbus.DBusException):
-    include_traceback = False
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message, name=name)
-
-
-def map_error(exc: BaseException) -> dbus.DBusException:
-    if isinstance(exc, dbus.DBusException):
-        return exc
-    if isinstance(exc, SetupError):
-        return _DBusError(ERROR_PREFIX + exc.dbus_name, exc.message)
-    if isinstance(exc, BridgeClosed):
-        return _DBusError(ERROR_PREFIX + "Failed", "the setup service is shutting down")
-    _log.error("bug while serving a D-Bus call", exc_info=exc)
-    return _DBusError(ERROR_PREFIX + "Failed", GENERIC_FAILURE)
+    return CONTRACT_OF.xml()
 
 
 def _arg(value: str, what: str) -> str:
@@ -126,7 +112,7 @@ def _none(_value: object) -> tuple[Any, ...]:
     return ()
 
 
-def _properties(summary: Summary) -> dict[str, Any]:
+def _summary_properties(summary: Summary) -> dict[str, Any]:
     return {
         "Version": dbus.String(summary.version),
         "Hostname": dbus.String(summary.hostname),
@@ -135,21 +121,22 @@ def _properties(summary: Summary) -> dict[str, Any]:
     }
 
 
-class Setup1(SignatureCheckedObject):
+class Setup1(ContractObject):
     """The org.secondsite.Setup1 object; methods delegate to a `SetupCore`."""
 
+    contract = CONTRACT_OF
+    read_only_hint = "; use the Set* methods"
+
     def __init__(self, core: SetupCore, bridge: CallBridge, glib: GLibThread) -> None:
-        super().__init__()
+        super().__init__(bridge, glib)
         self._core = core
-        self._bridge = bridge
-        self._glib = glib
         self.last_call = time.monotonic()  # read by the daemon's idle exit
 
     def _submit(
         self, reply: Reply, error: ErrorReply, work: Callable[[], Any], out: Callable[[Any], Any]
     ) -> None:
         self.last_call = time.monotonic()
-        self._bridge.submit(reply, error, work, out)
+        super()._submit(reply, error, work, out)
 
     @dbus.service.method(INTERFACE, in_signature="", out_signature="aa{sv}", **_ASYNC)
     def GetNetwork(self, reply: Reply, error: ErrorReply) -> None:
@@ -200,48 +187,8 @@ class Setup1(SignatureCheckedObject):
 
     # -- properties (read-only) ----------------------------------------------------------
 
-    async def _summary(self) -> dict[str, Any]:
-        return _properties(await self._core.summary())
-
-    @dbus.service.method(_PROPERTIES_IFACE, in_signature="ss", out_signature="v", **_ASYNC)
-    def Get(self, interface_name: str, property_name: str, reply: Reply, error: ErrorReply) -> None:
-        def pick(props: dict[str, Any]) -> tuple[Any, ...]:
-            _check_interface(interface_name)
-            if property_name not in props:
-                raise _unknown_property(property_name)
-            return (props[property_name],)
-
-        self._submit(reply, error, self._summary, pick)
-
-    @dbus.service.method(_PROPERTIES_IFACE, in_signature="s", out_signature="a{sv}", **_ASYNC)
-    def GetAll(self, interface_name: str, reply: Reply, error: ErrorReply) -> None:
-        def every(props: dict[str, Any]) -> tuple[Any, ...]:
-            _check_interface(interface_name)
-            return (dbus.Dictionary(props, signature="sv"),)
-
-        self._submit(reply, error, self._summary, every)
-
-    @dbus.service.method(_PROPERTIES_IFACE, in_signature="ssv", out_signature="")
-    def Set(self, interface_name: str, property_name: str, value: Any) -> None:
-        _check_interface(interface_name)
-        if property_name not in _PROPERTY_NAMES:
-            raise _unknown_property(property_name)
-        raise _DBusError(
-            "org.freedesktop.DBus.Error.PropertyReadOnly",
-            f"{property_name} is read-only; use the Set* methods",
-        )
-
-    @dbus.service.method(
-        _INTROSPECTABLE_IFACE,
-        in_signature="",
-        out_signature="s",
-        path_keyword="object_path",
-        connection_keyword="connection",
-    )
-    def Introspect(self, object_path: str, connection: Any) -> str:
-        # dbus-python knows methods and signals, not properties: those come from the contract.
-        generated = dbus.service.Object.Introspect(self, object_path, connection)
-        return _with_contract_properties(generated)
+    async def _properties(self) -> dict[str, Any]:
+        return _summary_properties(await self._core.summary())
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -254,93 +201,11 @@ class Setup1(SignatureCheckedObject):
         self._glib.call_soon(partial(self.Changed, dbus.String(change.what)))
 
 
-_PROPERTY_NAMES = frozenset(
-    e.get("name") for e in ET.fromstring(contract_xml()).iter("property") if e.get("name")
-)
-
-
-def _check_interface(interface_name: str) -> None:
-    if interface_name not in ("", INTERFACE):
-        raise _DBusError(
-            "org.freedesktop.DBus.Error.UnknownInterface",
-            f"{interface_name!r} has no properties here",
-        )
-
-
-def _unknown_property(name: str) -> dbus.DBusException:
-    return _DBusError("org.freedesktop.DBus.Error.UnknownProperty", f"no property {name!r}")
-
-
-def _with_contract_properties(generated: str) -> str:
-    contract = ET.fromstring(contract_xml()).find(f"interface[@name='{INTERFACE}']")
-    assert contract is not None, "the contract XML lost its interface"
-    properties = [ET.tostring(p, encoding="unicode").strip() for p in contract.iter("property")]
-    marker = f'<interface name="{INTERFACE}">\n'
-    head, found, tail = generated.partition(marker)
-    if not found:
-        return generated
-    return head + marker + "".join(f"    {p}\n" for p in properties) + tail
-
-
-class Setup1Server:
+class Setup1Server(ServedObject):
     """The handle `serve_setup1` returns: `close()` takes the service off the bus."""
-
-    def __init__(
-        self,
-        glib: GLibThread,
-        connection: Any,
-        obj: Setup1,
-        bridge: CallBridge,
-        unsubscribe: Callable[[], None],
-    ) -> None:
-        self._glib = glib
-        self._connection = connection
-        self.obj = obj
-        self._bridge = bridge
-        self._unsubscribe = unsubscribe
-        self._closed = False
-
-    @property
-    def glib(self) -> GLibThread:
-        return self._glib
 
     def idle_seconds(self) -> float:
         return time.monotonic() - self.obj.last_call
-
-    def close(self) -> None:
-        """Stop signals, fail calls in flight, leave the bus, stop the GLib thread.
-        Idempotent; not from the GLib thread."""
-        if self._closed:
-            return
-        self._closed = True
-        self._unsubscribe()
-        self._bridge.close()
-        try:
-            self._glib.call(partial(_leave_bus, self._connection, self.obj), timeout=10.0)
-        finally:
-            self._glib.stop()
-
-
-def _leave_bus(connection: Any, obj: Setup1) -> None:
-    obj.remove_from_connection()
-    connection.flush()
-    connection.close()
-
-
-def _own_name(connection: Any) -> None:
-    try:
-        answer = connection.request_name(BUS_NAME, dbus.bus.NAME_FLAG_DO_NOT_QUEUE)
-    except dbus.DBusException as exc:
-        raise ServeError(
-            f"cannot own {BUS_NAME}: {exc.get_dbus_message()} ({exc.get_dbus_name()}); "
-            "is org.secondsite.Setup1.conf installed in /usr/share/dbus-1/system.d, and "
-            "does setupd run as root?"
-        ) from None
-    if answer not in (
-        dbus.bus.REQUEST_NAME_REPLY_PRIMARY_OWNER,
-        dbus.bus.REQUEST_NAME_REPLY_ALREADY_OWNER,
-    ):
-        raise ServeError(f"cannot own {BUS_NAME}: another process already owns it")
 
 
 def serve_setup1(
@@ -351,30 +216,15 @@ def serve_setup1(
     Call on `loop`'s thread or before it runs (it subscribes to `core`). Raises
     ServeError when the bus is unreachable or the name cannot be owned.
     """
-    glib = GLibThread(name="setupd-dbus")
-    glib.start()
-    bridge = CallBridge(loop, glib, map_error)
-    connection: Any = None
-    try:
 
-        def setup() -> tuple[Any, Setup1]:
-            nonlocal connection
-            target = dbus.bus.BusConnection.TYPE_SYSTEM if bus_address is None else bus_address
-            try:
-                connection = dbus.bus.BusConnection(target, mainloop=glib.mainloop)
-            except dbus.DBusException as exc:
-                where = bus_address or "the system bus"
-                raise ServeError(f"cannot connect to {where}: {exc.get_dbus_message()}") from None
-            obj = Setup1(core, bridge, glib)
-            obj.add_to_connection(connection, OBJECT_PATH)  # before the name: no miss
-            _own_name(connection)
-            return connection, obj
+    def subscribe(obj: ContractObject) -> Callable[[], None]:
+        assert isinstance(obj, Setup1)
+        return core.subscribe(obj.notify)
 
-        connection, obj = glib.call(setup)
-        unsubscribe = core.subscribe(obj.notify)
-    except BaseException:
-        if connection is not None:
-            glib.call(connection.close)
-        glib.stop()
-        raise
-    return Setup1Server(glib, connection, obj, bridge, unsubscribe)
+    return Setup1Server(*serve(
+        bus_name=BUS_NAME, object_path=OBJECT_PATH, thread_name="setupd-dbus",
+        make=lambda bridge, glib: Setup1(core, bridge, glib), subscribe=subscribe,
+        map_error=map_error, loop=loop, bus_address=bus_address,
+        policy_hint="is org.secondsite.Setup1.conf installed in /usr/share/dbus-1/system.d, "
+        "and does setupd run as root?",
+    ))  # fmt: skip
