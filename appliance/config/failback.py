@@ -33,11 +33,12 @@ from appliance.config.failover_base import (
     job_result,
     record_result,
     replica_settings,
-    set_failover,
+    reprotect,
+    request_resync,
     unfence,
 )
 from appliance.config.jobs import Definitions, JobContext, JobFailed, Step
-from appliance.config.model import JobKind, MachineState
+from appliance.config.model import JobKind
 from appliance.vsphere import vms
 from appliance.vsphere.session import Session
 
@@ -60,8 +61,8 @@ def definitions(ops: FailoverOps) -> Definitions:
             Step("transfer", _transferred, timeout=TRANSFER_WAIT),
             Step("vm", lambda ctx: drop_vm(ctx, ops, job_result(ctx))),
             Step("unfence", lambda ctx: unfence(ctx, ops)),
-            Step("resync", _request_resync),
-            Step("protect", _reprotect),
+            Step("resync", request_resync("resync")),
+            Step("protect", reprotect),
             Step("resumed", _resumed, timeout=RESUME_WAIT),
         ]
 
@@ -129,24 +130,6 @@ async def _transferred(ctx: JobContext) -> bool:
     if report.get("generation") == wanted and report.get("error"):
         raise JobFailed(f"the agent of {ctx.subject} could not fail back: {report['error']}")
     return False
-
-
-async def _request_resync(ctx: JobContext) -> bool:
-    machine = ctx.inventory.machine(ctx.subject)
-    wanted = job_result(ctx).get("resync")
-    if wanted is None:
-        wanted = max(machine["resync_requested"], machine["resync_done"]) + 1
-        record_result(ctx, resync=wanted)
-    if machine["resync_requested"] < wanted:
-        ctx.inventory.update_machine(ctx.subject, resync_requested=wanted)
-    return True
-
-
-async def _reprotect(ctx: JobContext) -> bool:
-    ctx.inventory.update_machine(ctx.subject, protection_enabled=True)
-    set_failover(ctx, "failover", None)
-    ctx.inventory.set_machine_state(ctx.subject, MachineState.PROTECTED, ctx.clock())
-    return True
 
 
 async def _resumed(ctx: JobContext) -> bool:

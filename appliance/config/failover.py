@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from appliance.config import drill
-from appliance.config.errors import ConfigServerError, InvalidArgument
+from appliance.config.errors import InvalidArgument
 from appliance.config.failover_base import (
     FailoverOps,
     FailoverState,
@@ -38,8 +38,9 @@ from appliance.config.failover_base import (
     preflight,
     record_result,
     replica_settings,
+    reprotect,
+    request_resync,
     set_failover,
-    target,
     target_or_fail,
     unfence,
 )
@@ -51,7 +52,6 @@ from appliance.vsphere.session import Session
 __all__ = ["FailoverMode", "FailoverOps", "FailoverState", "ServiceOps", "definitions"]
 
 AGENT_WAIT = 300.0  # an agent that never stops does not hold a failover forever
-ROLLBACK_WAIT = 120.0  # for the process server to let go of the replica's streams
 
 
 class FailoverMode(StrEnum):
@@ -91,7 +91,7 @@ def definitions(ops: FailoverOps) -> Definitions:
             Step("stop", _stop_replication),
             Step("agent", lambda ctx: _agent_stopped(ctx, ops), timeout=AGENT_WAIT),
             Step("point", lambda ctx: _failover_point(ctx, ops)),
-            Step("rollback", lambda ctx: _rollback(ctx, ops), timeout=ROLLBACK_WAIT),
+            Step("rollback", lambda ctx: _rollback(ctx, ops)),
             Step("vm", lambda ctx: create_vm(ctx, ops, test=False)),
             Step("power-on", lambda ctx: power_on(ctx, ops)),
             Step("done", _failed_over),
@@ -105,8 +105,8 @@ def definitions(ops: FailoverOps) -> Definitions:
             Step("check", _cancel_check),
             Step("vm", lambda ctx: drop_vm(ctx, ops, job_result(ctx))),
             Step("unfence", lambda ctx: unfence(ctx, ops)),
-            Step("resync", _request_resync),
-            Step("protect", _reprotect),
+            Step("resync", request_resync("generation")),
+            Step("protect", reprotect),
         ]
 
     return {
@@ -178,12 +178,9 @@ async def _rollback(ctx: JobContext, ops: FailoverOps) -> bool:
     result = job_result(ctx)
     if result.get("rolled_back"):
         return True
-    try:
-        await target(ctx, ops, "rollback", machine_id=ctx.subject, tag_id=result["point"]["tag"])
-    except ConfigServerError as exc:
-        if "still streaming" in exc.message:
-            return False  # the process server lets go of the streams shortly
-        raise JobFailed(exc.message) from None
+    # The target fences the disks first: a process server still attached is no obstacle.
+    await target_or_fail(ctx, ops, "rollback", machine_id=ctx.subject,
+                         tag_id=result["point"]["tag"])  # fmt: skip
     record_result(ctx, rolled_back=True)
     return True
 
@@ -223,24 +220,4 @@ async def _cancel_check(ctx: JobContext) -> bool:
     if state not in (FailoverState.FAILING_OVER, FailoverState.FAILED_OVER):
         raise JobFailed(f"{ctx.subject} is not failed over; there is nothing to cancel")
     record_result(ctx, vm=current.get("vm"), owner=current.get("owner"))
-    return True
-
-
-async def _request_resync(ctx: JobContext) -> bool:
-    # The replica went back to the point and the VM may have written to it: only a
-    # checksum resync brings it level with the source again.
-    machine = ctx.inventory.machine(ctx.subject)
-    wanted = job_result(ctx).get("generation")
-    if wanted is None:
-        wanted = max(machine["resync_requested"], machine["resync_done"]) + 1
-        record_result(ctx, generation=wanted)
-    if machine["resync_requested"] < wanted:
-        ctx.inventory.update_machine(ctx.subject, resync_requested=wanted)
-    return True
-
-
-async def _reprotect(ctx: JobContext) -> bool:
-    ctx.inventory.update_machine(ctx.subject, protection_enabled=True)
-    set_failover(ctx, "failover", None)
-    ctx.inventory.set_machine_state(ctx.subject, MachineState.PROTECTED, ctx.clock())
     return True

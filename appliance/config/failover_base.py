@@ -17,6 +17,7 @@ from pyVmomi import vim
 
 from appliance.config.errors import ConfigServerError, InvalidArgument
 from appliance.config.jobs import JobContext, JobFailed, StepFn
+from appliance.config.model import MachineState
 from appliance.config.replica import ReplicaSettings, pick_point
 from appliance.vsphere import network, vms
 from appliance.vsphere.errors import NotFound, NotOurs, VSphereError
@@ -127,6 +128,32 @@ async def target_or_fail(ctx: JobContext, ops: FailoverOps, method: str, **param
         return await target(ctx, ops, method, **params)
     except ConfigServerError as exc:
         raise JobFailed(exc.message) from None
+
+
+def request_resync(key: str) -> Callable[[JobContext], Awaitable[bool]]:
+    """A step asking the agent for a checksum resync (the replica went back to a point,
+    or a VM wrote to it): the generation is chosen once and kept in the job result
+    under `key`, so a re-run after a crash does not ask twice."""
+
+    async def step(ctx: JobContext) -> bool:
+        machine = ctx.inventory.machine(ctx.subject)
+        wanted = job_result(ctx).get(key)
+        if wanted is None:
+            wanted = max(machine["resync_requested"], machine["resync_done"]) + 1
+            record_result(ctx, **{key: wanted})
+        if machine["resync_requested"] < wanted:
+            ctx.inventory.update_machine(ctx.subject, resync_requested=wanted)
+        return True
+
+    return step
+
+
+async def reprotect(ctx: JobContext) -> bool:
+    """Protection back on, the failover record gone, the machine protected again."""
+    ctx.inventory.update_machine(ctx.subject, protection_enabled=True)
+    set_failover(ctx, "failover", None)
+    ctx.inventory.set_machine_state(ctx.subject, MachineState.PROTECTED, ctx.clock())
+    return True
 
 
 async def unfence(ctx: JobContext, ops: FailoverOps) -> bool:
