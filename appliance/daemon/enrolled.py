@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from appliance.settings import host_port, parse_host_port
 from appliance.storage.atomic import atomic_write
 from appliance.wire.enrol import EnrolFailed, enrol_sync
 from appliance.wire.heartbeat import Build, OnAnswer, Reporter
+from appliance.wire.server import WireServer
 from appliance.wire.tls import client_context
 
 FILE = "enrolment.json"
@@ -131,3 +133,18 @@ def disk_space(path: Path) -> dict[str, int]:
     """capacity_bytes and free_bytes of the filesystem holding `path`, for reports."""
     st = os.statvfs(path)
     return {"capacity_bytes": st.f_blocks * st.f_frsize, "free_bytes": st.f_bavail * st.f_frsize}
+
+
+def server_reporting(
+    state_dir: Path, stem: str, build: Build, server: WireServer
+) -> list[Coroutine[Any, Any, None]]:
+    """A role server's report loop, if it enrolled (none otherwise): the answers'
+    revoked serials are refused by `server` from then on, live connections cut."""
+    enrolled = load(state_dir)
+    if enrolled is None:
+        return []
+
+    def answered(answer: dict[str, Any]) -> None:
+        server.revoke(set(answer.get("revoked", ())))
+
+    return [reporter(enrolled, state_dir, stem, build=build, on_answer=answered).run()]

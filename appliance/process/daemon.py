@@ -13,8 +13,7 @@ from typing import Any
 import uvloop
 
 from appliance.daemon.cli import run_main
-from appliance.daemon.enrolled import disk_space, reporter
-from appliance.daemon.enrolled import load as load_enrolment
+from appliance.daemon.enrolled import disk_space, server_reporting
 from appliance.daemon.logs import setup_logging
 from appliance.daemon.runner import (
     EXIT_STATUS,
@@ -170,24 +169,17 @@ async def serve(
         return f"{len(summary['disks'])} disks, spool {summary['spool_bytes'] >> 20} MiB, {health}"
 
     background = []
-    enrolled = load_enrolment(config.state_dir)
-    if enrolled is not None:
 
-        def report() -> dict[str, Any]:
-            summary = service.status()
-            return {
-                "disks": summary["disks"], "spool_bytes": summary["spool_bytes"],
-                "connections": summary["connections"], "health": summary["health"],
-                "target": "{}:{}".format(*config.target) if config.target else None,
-                **disk_space(config.spool_dir),
-            }  # fmt: skip
+    def report() -> dict[str, Any]:
+        summary = service.status()
+        return {
+            "disks": summary["disks"], "spool_bytes": summary["spool_bytes"],
+            "connections": summary["connections"], "health": summary["health"],
+            "target": "{}:{}".format(*config.target) if config.target else None,
+            **disk_space(config.spool_dir),
+        }  # fmt: skip
 
-        def answered(answer: dict[str, Any]) -> None:
-            server.revoke(set(answer.get("revoked", ())))
-
-        background.append(
-            reporter(enrolled, config.state_dir, "process", build=report, on_answer=answered).run()
-        )
+    background.extend(server_reporting(config.state_dir, "process", report, server))
     log.info("serving agents on %s:%d, forwarding to %s", config.host, config.port,
              "{}:{}".format(*config.target) if config.target else "nobody yet")  # fmt: skip
     await serve_until_stopped(

@@ -13,8 +13,7 @@ from typing import Any
 import uvloop
 
 from appliance.daemon.cli import run_main
-from appliance.daemon.enrolled import disk_space, reporter
-from appliance.daemon.enrolled import load as load_enrolment
+from appliance.daemon.enrolled import disk_space, server_reporting
 from appliance.daemon.logs import setup_logging
 from appliance.daemon.runner import (
     EXIT_STATUS,
@@ -142,29 +141,21 @@ async def serve(
         store.close()
         raise
     background = []
-    enrolled = load_enrolment(config.state_dir)
-    if enrolled is not None:
-        loop = asyncio.get_running_loop()
 
-        async def report() -> dict[str, Any]:
-            newest = await loop.run_in_executor(None, store.newest_points)
-            return {
-                "machines": {
-                    m: {"tag_id": tag, "time": t / 1e9, "kind": kind,
-                        "newest_app_time": None if app is None else app / 1e9}
-                    for m, (tag, t, kind, app) in newest.items()
-                },
-                "connections": service.connections,
-                "disks": len(service.status()["disks"]),
-                **disk_space(config.datastore),
-            }  # fmt: skip
+    async def report() -> dict[str, Any]:
+        newest = await asyncio.to_thread(store.newest_points)
+        return {
+            "machines": {
+                m: {"tag_id": tag, "time": t / 1e9, "kind": kind,
+                    "newest_app_time": None if app is None else app / 1e9}
+                for m, (tag, t, kind, app) in newest.items()
+            },
+            "connections": service.connections,
+            "disks": len(service.status()["disks"]),
+            **disk_space(config.datastore),
+        }  # fmt: skip
 
-        def answered(answer: dict[str, Any]) -> None:
-            server.revoke(set(answer.get("revoked", ())))
-
-        background.append(
-            reporter(enrolled, config.state_dir, "target", build=report, on_answer=answered).run()
-        )
+    background.extend(server_reporting(config.state_dir, "target", report, server))
     if config.prune_seconds:
         background.append(_prune_loop(store, config.prune_seconds))
 
