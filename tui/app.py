@@ -7,19 +7,22 @@ screens do the work (tui/screens), each through the `ConsoleClient` it is given.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from textual import work
 from textual.app import App
 from textual.binding import Binding, BindingType
 
-from tui.client import ConsoleClient, ThreadedClient, setup_client
+from tui.client import ConsoleClient, ThreadedClient, describe_setup, record, setup_client
 from tui.screens.dashboard import DashboardScreen
 from tui.screens.help import HelpScreen
 from tui.screens.services import ServicesScreen
 from tui.screens.setup import SetupScreen
 
+log = logging.getLogger(__name__)
 DEFAULT_REFRESH_S = 2.0
 JOB_POLL_S = 0.5  # as secondsitectl --wait
 
@@ -49,9 +52,28 @@ class ConsoleApp(App[None]):
         self.setup = setup if setup is not None else setup_client()
         self.refresh_s = refresh_s
         self.poll_s = poll_s
+        self.setup_state: dict[str, Any] | None = None  # Setup1 GetFirstBoot, once read
 
     def on_mount(self) -> None:
         self.push_screen(DashboardScreen(self.client, self.refresh_s, self.poll_s))
+        self.offer_setup()
+
+    @work(group="setup-state")
+    async def offer_setup(self) -> None:
+        """Open the setup wizard while neither first boot nor the wizard set the
+        appliance up (Setup1 GetFirstBoot reads secondsite-firstboot's marker)."""
+        try:
+            state = record(await self.setup.call("GetFirstBoot"))
+        except Exception as exc:
+            message = describe_setup(exc)
+            if message is None:
+                raise
+            log.info("not offering the setup wizard: %s", message)  # w still opens it
+            return
+        self.setup_state = state
+        if state.get("firstboot_done") or state.get("wizard_done"):
+            return
+        self.action_setup()  # Esc goes to the dashboard; it opens again next start
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
@@ -64,7 +86,22 @@ class ConsoleApp(App[None]):
 
     def action_setup(self) -> None:
         if not isinstance(self.screen, SetupScreen):
-            self.push_screen(SetupScreen(self.setup))
+            self.push_screen(SetupScreen(self.setup), self._setup_closed)
+
+    def _setup_closed(self, applied: bool | None) -> None:
+        if applied:
+            self.finish_setup()
+
+    @work(group="setup-state")
+    async def finish_setup(self) -> None:
+        """The wizard applied something: the appliance counts as set up from now on."""
+        try:
+            await self.setup.call("FinishSetup")
+        except Exception as exc:
+            message = describe_setup(exc)
+            if message is None:
+                raise
+            self.notify(f"setup not recorded: {message}", severity="warning")
 
     def on_unmount(self) -> None:
         self.client.close()

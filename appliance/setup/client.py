@@ -25,6 +25,9 @@ BUS_NAME = "org.secondsite.Setup1"
 OBJECT_PATH = "/org/secondsite/Setup1"
 INTERFACE = "org.secondsite.Setup1"
 ERROR_PREFIX = "org.secondsite.Setup1.Error."
+# Unit jobs are waited for (up to 120 s), and Register enrols two daemons and starts
+# their units: far longer than a read. The console runs calls in a worker anyway.
+TIMEOUT = 300.0
 # Settings that are string lists even when empty: the bridge sends [] as aa{sv}.
 STRING_LISTS = frozenset({"addresses", "dns"})
 
@@ -56,6 +59,9 @@ class Setup1Client(ServiceClient):
     object_path = OBJECT_PATH
     interface = INTERFACE
     signatures = in_signatures("appliance.setup", "org.secondsite.Setup1.xml")
+
+    def __init__(self, bus_address: str | None = None, timeout: float = TIMEOUT) -> None:
+        super().__init__(bus_address, timeout)
 
     def _wire(self, value: Any, signature: str) -> Any:
         return _wire(value, signature)

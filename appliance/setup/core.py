@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from appliance.setup import validate
+from appliance.setup.enrolment import Enroller
 from appliance.setup.errors import Failed
 from appliance.setup.hostname import Hostname
 from appliance.setup.network import InterfaceConfig, Network, Record
+from appliance.setup.networkd import Networkd
 from appliance.setup.registration import Registration
-from appliance.setup.roles import Roles, parse_roles
+from appliance.setup.roles import Role, Roles, parse_roles
+from appliance.setup.services import Services, check_unit
+from appliance.setup.setupstate import SetupState
 from appliance.setup.time import Ntp
 
 _log = logging.getLogger(__name__)
@@ -54,12 +58,21 @@ class SetupCore:
         ntp: Ntp,
         registration: Registration,
         roles: Roles | None,
+        *,
+        services: Services | None = None,
+        networkd: Networkd | None = None,
+        enroller: Enroller | None = None,
+        setup_state: SetupState | None = None,
     ) -> None:
         self._network = network
         self._hostname = hostname
         self._ntp = ntp
         self._registration = registration
         self._roles = roles
+        self._services = services
+        self._networkd = networkd or Networkd("none")
+        self._enroller = enroller
+        self._setup_state = setup_state
         self._lock = asyncio.Lock()
         self._listeners: list[Listener] = []
 
@@ -79,6 +92,11 @@ class SetupCore:
         self._changed(what)
         return result
 
+    def _service_manager(self) -> Services:
+        if self._services is None:
+            raise Failed("units are not managed here: setupd runs without systemd's bus")
+        return self._services
+
     def _role_manager(self) -> Roles:
         if self._roles is None:
             raise Failed("roles are not managed here: setupd runs without systemd's bus")
@@ -91,7 +109,13 @@ class SetupCore:
 
     async def set_interface(self, name: str, settings: dict[str, Any], confirm: bool) -> Record:
         config = InterfaceConfig.from_settings(validate.interface_name(name), settings)
-        return await self._change("network", lambda: self._network.apply(config, confirm))
+
+        def apply() -> Record:
+            record = self._network.apply(config, confirm)
+            # The file is written: networkd takes it now rather than at the next boot.
+            return {**record, "networkd": self._networkd.reload()}
+
+        return await self._change("network", apply)
 
     # -- hostname, time ----------------------------------------------------------------
 
@@ -120,11 +144,59 @@ class SetupCore:
         parse_roles(roles)
         return await self._change("roles", lambda: manager.set(list(roles)))
 
-    async def register(self, address: str, passphrase: str) -> str:
+    async def register(self, address: str, passphrase: str) -> dict[str, Any]:
+        """Store the registration, then `enrol`."""
         validate.server_address(address)
-        return await self._change(
+        where = await self._change(
             "registration", lambda: self._registration.register(address, passphrase)
         )
+        return {"config_server": where, "roles": await self.enrol()}
+
+    async def enrol(self) -> dict[str, Any]:
+        """Enrol the daemons of the process and target roles enabled now with the
+        registered configuration server and start their units; role -> outcome."""
+        enroller = self._enroller
+        if enroller is None or self._roles is None:
+            return {}
+        roles = self._roles
+
+        def enrol() -> dict[str, Any]:
+            state = roles.get()
+            enabled = [r for r in (Role.PROCESS, Role.TARGET) if state[r.value]["enabled"]]
+            return enroller.enrol(enabled)
+
+        return await self._change("units", enrol)
+
+    # -- the appliance's units -----------------------------------------------------------
+
+    async def units(self) -> list[dict[str, Any]]:
+        """The appliance's units: {unit, active_state, sub_state, result} each."""
+        return await asyncio.to_thread(self._service_manager().statuses)
+
+    async def control_unit(self, action: str, unit: str) -> dict[str, Any]:
+        """start, stop or restart one of the appliance's units; its state afterwards."""
+        services = self._service_manager()
+        check_unit(unit, services.allowed)  # refused before the lock: immediately
+        return await self._change("units", lambda: services.control(action, unit))
+
+    async def unit_journal(self, unit: str, count: int) -> dict[str, Any]:
+        services = self._service_manager()
+        result = await asyncio.to_thread(services.journal, unit, count)
+        return result.as_record()
+
+    # -- first boot -----------------------------------------------------------------------
+
+    def _state(self) -> SetupState:
+        if self._setup_state is None:
+            raise Failed("the setup state is not kept here")
+        return self._setup_state
+
+    async def first_boot(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self._state().read)
+
+    async def finish_setup(self) -> None:
+        state = self._state()
+        await self._change("setup", state.finish)
 
     # -- properties --------------------------------------------------------------------
 

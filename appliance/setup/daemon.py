@@ -21,10 +21,15 @@ from appliance.daemon.sdnotify import Notifier
 from appliance.setup import network, registration
 from appliance.setup import time as ntp_time
 from appliance.setup.core import SetupCore
+from appliance.setup.enrolment import Enroller
 from appliance.setup.hostname import Hostname
+from appliance.setup.journal import Journal
 from appliance.setup.network import Network, NetworkdFiles
+from appliance.setup.networkd import Networkd
 from appliance.setup.registration import Registration
 from appliance.setup.roles import Roles
+from appliance.setup.services import Services
+from appliance.setup.setupstate import SetupState
 from appliance.setup.systemd import SystemdClient
 
 PROG = "secondsite-setupd"
@@ -35,9 +40,12 @@ DESCRIPTION = """\
 The Secondsite appliance's setup service: reads and sets the network interfaces
 (applied with netlink, persisted as systemd-networkd files), the hostname, the NTP
 servers, the roles this appliance runs (role targets enabled and started through
-systemd's D-Bus API) and the configuration server it registers with. It serves
-org.secondsite.Setup1 on the system bus to root and the secondsite group; the console
-is its client.
+systemd's D-Bus API) and the configuration server it registers with. Registering
+enrols the process-server and master-target daemons (each daemon's --enroll, run as
+a transient systemd service) and starts their units. It also starts, stops and
+restarts the appliance's own units and reads their journal (journalctl), and after
+a network change asks systemd-networkd to reload. It serves org.secondsite.Setup1 on
+the system bus to root and the secondsite group; the console is its client.
 """
 
 EPILOG = f"""\
@@ -46,6 +54,8 @@ files:
   /etc/hostname                                      the static hostname
   /etc/systemd/timesyncd.conf.d/{ntp_time.DROPIN}         NTP servers
   {registration.DEFAULT_DIRECTORY}/                 configuration server and passphrase (root only)
+  {registration.DEFAULT_DIRECTORY}/enrol-ROLE.log    the last enrolment's errors
+  {registration.DEFAULT_DIRECTORY}/setup.done        the console's wizard was used
 
 exit status:
   0 stopped (SIGTERM or idle), 2 bad command line, 4 the bus could not be used,
@@ -65,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--systemd-bus", metavar="ADDRESS", default="system",
         help="where systemd's API is: 'system' (default), an address, or 'none' (no roles)",
     )  # fmt: skip
+    parser.add_argument(
+        "--networkd-bus", metavar="ADDRESS", default="system",
+        help="where systemd-networkd is asked to reload after a network change: "
+        "'system' (default), an address, or 'none' (the files apply at the next boot)",
+    )  # fmt: skip
     parser.add_argument("--root", type=Path, default=Path("/"),
                         help="prefix for /etc paths (tests, image builds)")  # fmt: skip
     parser.add_argument("--state-dir", type=Path, default=registration.DEFAULT_DIRECTORY,
@@ -78,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    parser.set_defaults(enrol=True)
     return parser
 
 
@@ -96,6 +112,7 @@ def build_core(args: argparse.Namespace) -> SetupCore:
     from pyroute2 import IPRoute
 
     root: Path = args.root
+    registration = Registration(args.state_dir)
     systemd = None if args.systemd_bus == "none" else SystemdClient(
         None if args.systemd_bus == "system" else args.systemd_bus
     )  # fmt: skip
@@ -106,9 +123,20 @@ def build_core(args: argparse.Namespace) -> SetupCore:
             root / "etc/systemd/timesyncd.conf.d",
             systemd.try_restart if systemd is not None else None,
         ),
-        Registration(args.state_dir),
+        registration,
         Roles(systemd) if systemd is not None else None,
+        services=Services(systemd, Journal()),
+        networkd=_networkd(getattr(args, "networkd_bus", "none")),
+        # Only setupd enrols: secondsite-firstboot runs before the network is up.
+        enroller=Enroller(registration, systemd) if getattr(args, "enrol", False) else None,
+        setup_state=SetupState(root, args.state_dir),
     )
+
+
+def _networkd(where: str) -> Networkd:
+    # Callers without the option (secondsite-firstboot, which runs before networkd
+    # and must not D-Bus-activate it) get none: networkd reads the files when it starts.
+    return Networkd(None if where == "system" else where)
 
 
 async def serve(args: argparse.Namespace, notifier: Notifier | None = None) -> None:

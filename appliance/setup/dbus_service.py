@@ -53,7 +53,7 @@ GENERIC_FAILURE = "internal error; see the journal of secondsite-setupd"
 MAX_ARG_CHARS = 4096
 # Record keys that are always string lists: sent as `as` even when empty (the bridge
 # would send an empty list as aa{sv}).
-STRING_LISTS = frozenset({"addresses", "dns"})
+STRING_LISTS = frozenset({"addresses", "dns", "applied"})
 
 _ASYNC = ASYNC
 CONTRACT_OF = Contract("appliance.setup", CONTRACT, INTERFACE)
@@ -178,12 +178,51 @@ class Setup1(ContractObject):
         work = lambda: self._core.set_roles(_strings(roles, "roles"))  # noqa: E731
         self._submit(reply, error, work, _one_record)
 
-    @dbus.service.method(INTERFACE, in_signature="ss", out_signature="", **_ASYNC)
+    @dbus.service.method(INTERFACE, in_signature="ss", out_signature="a{sv}", **_ASYNC)
     def Register(self, address: str, passphrase: str, reply: Reply, error: ErrorReply) -> None:
         work = lambda: self._core.register(  # noqa: E731
             _arg(address, "address"), _arg(passphrase, "passphrase")
         )
-        self._submit(reply, error, work, _none)
+        self._submit(reply, error, work, _one_record)
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="a{sv}", **_ASYNC)
+    def Enrol(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, self._core.enrol, _one_record)
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="a{sv}", **_ASYNC)
+    def GetFirstBoot(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, self._core.first_boot, _one_record)
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="", **_ASYNC)
+    def FinishSetup(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, self._core.finish_setup, _none)
+
+    # -- the appliance's units -------------------------------------------------------------
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="aa{sv}", **_ASYNC)
+    def GetUnits(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, self._core.units, _records)
+
+    def _control(self, action: str, unit: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._core.control_unit(action, _arg(unit, "unit"))  # noqa: E731
+        self._submit(reply, error, work, _one_record)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="a{sv}", **_ASYNC)
+    def StartUnit(self, unit: str, reply: Reply, error: ErrorReply) -> None:
+        self._control("start", unit, reply, error)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="a{sv}", **_ASYNC)
+    def StopUnit(self, unit: str, reply: Reply, error: ErrorReply) -> None:
+        self._control("stop", unit, reply, error)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="a{sv}", **_ASYNC)
+    def RestartUnit(self, unit: str, reply: Reply, error: ErrorReply) -> None:
+        self._control("restart", unit, reply, error)
+
+    @dbus.service.method(INTERFACE, in_signature="su", out_signature="a{sv}", **_ASYNC)
+    def GetUnitJournal(self, unit: str, lines: int, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._core.unit_journal(_arg(unit, "unit"), int(lines))  # noqa: E731
+        self._submit(reply, error, work, _one_record)
 
     # -- properties (read-only) ----------------------------------------------------------
 

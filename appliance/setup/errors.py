@@ -29,6 +29,12 @@ class NotFound(SetupError):
     dbus_name = "NotFound"
 
 
+class NotAllowed(SetupError):
+    """A unit that is not one of the appliance's own: Setup1 does not touch it."""
+
+    dbus_name = "NotAllowed"
+
+
 class NeedsConfirmation(SetupError):
     """The change would cut the appliance off; repeat it with confirm=true."""
 

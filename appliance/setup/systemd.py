@@ -9,6 +9,7 @@ is on. Every D-Bus failure becomes Failed with systemd's own error name and text
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,6 +26,11 @@ UNIT = "org.freedesktop.systemd1.Unit"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 TIMEOUT = 30.0
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+JOB = "org.freedesktop.systemd1.Job"
+SERVICE = "org.freedesktop.systemd1.Service"
+UNKNOWN_OBJECT = "org.freedesktop.DBus.Error.UnknownObject"
+JOB_TIMEOUT = 120.0  # longer than a unit's default start timeout (90 s)
+JOB_POLL = 0.05
 
 
 class SystemdClient:
@@ -96,6 +102,82 @@ class SystemdClient:
                 connection, (str(path), PROPERTIES, "Get"), "ss", [UNIT, "ActiveState"]
             )
         return str(state)
+
+    def run_job(self, method: str, unit: str, timeout: float = JOB_TIMEOUT) -> dict[str, str]:
+        """StartUnit/StopUnit/RestartUnit `unit`, wait until its job is done, and return
+        the unit's state afterwards: {active_state, sub_state, result}.
+
+        The job is followed by polling its object (it disappears when the job ends):
+        a blocking connection receives no JobRemoved signal. Raises Failed when
+        systemd refuses the job or it is still queued after `timeout` seconds.
+        """
+        with self._lock, self._connection() as connection:
+            job = str(_blocking(connection, (PATH, MANAGER, method), "ss", [unit, "replace"]))
+            _wait_for_job(connection, job, f"{method} {unit}", timeout)
+            return _unit_status(connection, unit)
+
+    def run_transient(
+        self, name: str, properties: list[tuple[str, Any]], timeout: float = JOB_TIMEOUT
+    ) -> dict[str, str]:
+        """Start the transient unit `name` (StartTransientUnit with `properties`, typed
+        dbus values), wait for its job, and return its state afterwards. A failed run
+        is reset (ResetFailedUnit) once read, so the name can be used again."""
+        with self._lock, self._connection() as connection:
+            _reset_failed(connection, name)  # a failed earlier run would block the name
+            job = str(_blocking(connection, (PATH, MANAGER, "StartTransientUnit"),
+                                "ssa(sv)a(sa(sv))", [name, "fail", properties, []]))  # fmt: skip
+            _wait_for_job(connection, job, f"StartTransientUnit {name}", timeout)
+            status = _unit_status(connection, name)
+            _reset_failed(connection, name)
+            return status
+
+    def unit_status(self, unit: str) -> dict[str, str]:
+        """{active_state, sub_state, result} of a loaded (or loadable) unit."""
+        with self._lock, self._connection() as connection:
+            return _unit_status(connection, unit)
+
+
+def _wait_for_job(connection: Any, job: str, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _job_exists(connection, job):
+        if time.monotonic() > deadline:
+            raise Failed(f"systemd {what}: the job is still running after {timeout:.0f} s "
+                         "(systemctl list-jobs)")  # fmt: skip
+        time.sleep(JOB_POLL)
+
+
+def _reset_failed(connection: Any, unit: str) -> None:
+    try:
+        _blocking(connection, (PATH, MANAGER, "ResetFailedUnit"), "s", [unit])
+    except Failed as exc:
+        if NO_SUCH_UNIT not in exc.message:
+            raise
+
+
+def _job_exists(connection: Any, job: str) -> bool:
+    try:
+        connection.call_blocking(
+            DESTINATION, job, PROPERTIES, "Get", "ss", [JOB, "State"], timeout=TIMEOUT
+        )
+    except dbus.DBusException as exc:
+        if exc.get_dbus_name() == UNKNOWN_OBJECT:
+            return False
+        raise Failed(f"systemd job {job}: {exc.get_dbus_message()}") from None
+    return True
+
+
+def _unit_status(connection: Any, unit: str) -> dict[str, str]:
+    path = str(_blocking(connection, (PATH, MANAGER, "LoadUnit"), "s", [unit]))
+    props = _blocking(connection, (path, PROPERTIES, "GetAll"), "s", [UNIT])
+    status = {
+        "active_state": str(props.get("ActiveState", "")),
+        "sub_state": str(props.get("SubState", "")),
+        "result": "",
+    }
+    if unit.endswith(".service"):
+        status["result"] = str(_blocking(connection, (path, PROPERTIES, "Get"), "ss",
+                                         [SERVICE, "Result"]))  # fmt: skip
+    return status
 
 
 def _blocking(connection: Any, where: tuple[str, str, str], signature: str, args: list[Any]) -> Any:

@@ -1,4 +1,5 @@
-"""A network namespace with a veth pair, for setup's netlink changes.
+"""A network namespace with a veth pair, for setup's netlink changes; and a systemd
+user instance (`user_systemd`, see user_systemd.py) for the roles and units.
 
 Both ends live inside the namespace (nothing is added to the host's), and the
 namespace is removed at teardown even when the test failed; removing it destroys
@@ -12,9 +13,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.setup.user_systemd import UserSystemd, user_systemd_instance
 
 pyroute2 = pytest.importorskip("pyroute2")
 
@@ -45,6 +49,12 @@ def veth() -> Iterator[Veth]:
         yield Veth(name, "eth1", "sw1")
     finally:
         pyroute2.netns.remove(name)
+
+
+@pytest.fixture
+def user_systemd(tmp_path: Path) -> Iterator[UserSystemd]:
+    """A systemd user instance with journald, in private namespaces (user_systemd.py)."""
+    yield from user_systemd_instance(tmp_path)
 
 
 def ns_iproute(netns: str) -> Any:

@@ -39,9 +39,14 @@ from appliance.setup.dbus_service import (
     contract_xml,
     serve_setup1,
 )
+from appliance.setup.firstboot import DONE, write_done
 from appliance.setup.hostname import Hostname
+from appliance.setup.journal import NO_JOURNAL, Journal
 from appliance.setup.network import Network, NetworkdFiles
+from appliance.setup.networkd import Networkd
 from appliance.setup.registration import Registration
+from appliance.setup.services import Services
+from appliance.setup.setupstate import SetupState
 from appliance.setup.time import Ntp
 from tests.setup.conftest import Veth, ns_iproute
 
@@ -58,7 +63,7 @@ OUTSIDER = (1, 1)  # daemon:daemon
 
 
 class World:
-    def __init__(self, root: Path, veth: Veth) -> None:
+    def __init__(self, root: Path, veth: Veth, bus: PrivateBus) -> None:
         self.root = root
         (root / "etc").mkdir()
         self.kernel_names: list[str] = []
@@ -69,6 +74,9 @@ class World:
             Ntp(root / "etc/systemd/timesyncd.conf.d"),
             Registration(root / "var/lib/secondsite/setup"),
             roles=None,
+            services=Services(None, Journal(["journalctl", "--directory", str(root)])),
+            networkd=Networkd(bus.address),  # no networkd on it: SetInterface says so
+            setup_state=SetupState(root, root / "var/lib/secondsite/setup"),
         )
 
 
@@ -97,8 +105,8 @@ def bus() -> Iterator[PrivateBus]:
 
 
 @pytest.fixture
-def world(tmp_path: Path, veth: Veth) -> World:
-    return World(tmp_path, veth)
+def world(tmp_path: Path, veth: Veth, bus: PrivateBus) -> World:
+    return World(tmp_path, veth, bus)
 
 
 @pytest.fixture
@@ -151,6 +159,9 @@ def test_network_round_trip_with_wire_types(call: Any, world: World) -> None:
     assert list(result["addresses"]) == ["192.0.2.10/24"]
     assert result["gateway"] == "192.0.2.1" and result["method"] == "static"
     assert bool(result["management"]) is True
+    assert (
+        result["networkd"] == "systemd-networkd is not running: the file applies at the next boot"
+    )
     assert (world.root / "etc/systemd/network/10-secondsite-eth1.network").exists()
     assert call("Get", "ss", INTERFACE, "ManagementInterface",
                 iface="org.freedesktop.DBus.Properties") == "eth1"  # fmt: skip
@@ -174,6 +185,13 @@ def test_named_errors_for_bad_input(call: Any) -> None:
         ("Register", "ss", ("config", "two\nlines"), "InvalidArgument"),
         ("SetRoles", "as", (["config"],), "Failed"),  # no systemd bus in this world
         ("GetRoles", "", (), "Failed"),
+        ("StartUnit", "s", ("ssh.service",), "NotAllowed"),
+        ("GetUnits", "", (), "Failed"),
+        ("RestartUnit", "s", ("secondsite-setupd.service",), "NotAllowed"),
+        ("StopUnit", "s", ("secondsite-processd.service",), "Failed"),  # no systemd bus
+        ("GetUnitJournal", "su", ("ssh.service", 10), "NotAllowed"),
+        ("GetUnitJournal", "su", ("secondsite-processd.service", 0), "InvalidArgument"),
+        ("GetUnitJournal", "su", ("secondsite-processd.service", 10**6), "InvalidArgument"),
     ]  # fmt: skip
     for method, signature, args, expected in cases:
         name, message = error_name(call, method, signature, *args)
@@ -189,11 +207,35 @@ def test_hostname_ntp_registration(call: Any, world: World) -> None:
     assert call("GetNtp") == dbus.Array([], signature="s")
     call("SetNtp", "as", dbus.Array(["pool.ntp.org", "192.0.2.123"], signature="s"))
     assert list(call("GetNtp")) == ["pool.ntp.org", "192.0.2.123"]
-    call("Register", "ss", "config.dr.example", "correct horse")
+    registered = call("Register", "ss", "config.dr.example", "correct horse")
+    # No systemd's bus here: stored, nothing to enrol.
+    assert registered == {"config_server": "config.dr.example:9440", "roles": {}}
     props = call("GetAll", "s", INTERFACE, iface="org.freedesktop.DBus.Properties")
     assert props["ConfigServer"] == "config.dr.example:9440"
     assert props["Hostname"] == "dr-appliance.example.com"
     assert set(props) == {"Version", "Hostname", "ManagementInterface", "ConfigServer"}
+
+
+def test_unit_journal_without_a_journal(call: Any) -> None:
+    result = call("GetUnitJournal", "su", "secondsite-processd.service", dbus.UInt32(20))
+    assert result["unit"] == "secondsite-processd.service"
+    assert isinstance(result["available"], dbus.Boolean) and not result["available"]
+    assert result["note"] == NO_JOURNAL
+    assert result["lines"].signature == "a{sv}" and list(result["lines"]) == []
+
+
+def test_first_boot_marker_and_the_wizards(call: Any, world: World) -> None:
+    state = call("GetFirstBoot")
+    assert state == {"firstboot_done": False, "applied": [], "wizard_done": False}
+    assert state["applied"].signature == "s"
+    write_done(world.root / DONE, ["hostname", "network"])  # as secondsite-firstboot does
+    assert call("GetFirstBoot") == {
+        "firstboot_done": True, "applied": ["hostname", "network"], "wizard_done": False,
+    }  # fmt: skip
+    call("FinishSetup")
+    assert bool(call("GetFirstBoot")["wizard_done"]) is True
+    marker = world.root / "var/lib/secondsite/setup/setup.done"
+    assert marker.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_bug_is_generic_failed_and_logged(
@@ -279,6 +321,7 @@ _CALLS = [
     ["GetNetwork", "", [], INTERFACE],
     ["GetHostname", "", [], INTERFACE],
     ["SetNtp", "as", [["pool.ntp.org"]], INTERFACE],
+    ["GetUnitJournal", "su", ["secondsite-processd.service", 5], INTERFACE],
     ["GetAll", "s", [INTERFACE], "org.freedesktop.DBus.Properties"],
     ["Introspect", "", [], "org.freedesktop.DBus.Introspectable"],
 ]

@@ -1,126 +1,19 @@
-"""Roles against a real systemd: a user instance in a private mount namespace.
-
-systemd --user needs /run/systemd/system to exist (else it believes the machine was
-not booted with systemd); that directory is made on a tmpfs inside a private mount
-namespace only (FIELD-NOTES: never on the host), which is also a PID namespace: when
-the test ends, killing its first process takes systemd, the bus and every unit down.
-The fake role targets and daemons are in the instance's own unit directory
-($XDG_CONFIG_HOME/systemd/user). A session dbus-daemon at $XDG_RUNTIME_DIR/bus is
-started first; systemd joins it (through the distribution's dbus.socket user unit)
-and owns org.freedesktop.systemd1 there, as the system instance does on the system
-bus. `SystemdClient` is given that bus's address.
-"""
+"""Roles against a real systemd (tests/setup/user_systemd.py: a user instance in a
+private mount and PID namespace)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import dbus
-import dbus.bus
 import pytest
 
 from appliance.setup.errors import Failed, InvalidArgument
-from appliance.setup.roles import Role, Roles
+from appliance.setup.roles import Roles
 from appliance.setup.systemd import SystemdClient
+from tests.setup.user_systemd import UserSystemd
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(120)]
-
-SYSTEMD = Path("/lib/systemd/systemd")
-
-_SCRIPT = """
-set -eu
-mount -t tmpfs tmpfs /run/systemd
-mkdir -p /run/systemd/system
-dbus-daemon --session --address="unix:path=$XDG_RUNTIME_DIR/bus" --nofork --nopidfile &
-for i in $(seq 100); do [ -S "$XDG_RUNTIME_DIR/bus" ] && break; sleep 0.05; done
-/lib/systemd/systemd --user &  # not exec'd: systemd --user refuses to be PID 1
-wait
-"""
-
-# A mount namespace for /run/systemd, a PID namespace so one kill ends everything.
-UNSHARE = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child"]
-ROLE_TARGET = """[Unit]
-Description=fake {role} role
-[Install]
-WantedBy=default.target
-Also=fake-{role}d.service
-"""
-ROLE_DAEMON = """[Unit]
-Description=fake {role} daemon
-PartOf=secondsite-{role}.target
-[Service]
-ExecStart=/bin/sleep infinity
-[Install]
-WantedBy=secondsite-{role}.target
-"""
-
-
-class UserSystemd:
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.units = base / "config/systemd/user"
-        self.runtime = base / "xdg"
-        self.address = f"unix:path={self.runtime}/bus"
-
-
-def _wait_for_systemd(address: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"systemd --user exited with {process.returncode}")
-        try:
-            connection = dbus.bus.BusConnection(address)
-            try:
-                if connection.name_has_owner("org.freedesktop.systemd1"):
-                    return
-            finally:
-                connection.close()
-        except dbus.DBusException:
-            pass
-        time.sleep(0.1)
-    pytest.fail("systemd --user did not appear on its bus within 20 s")
-
-
-@pytest.fixture
-def user_systemd(tmp_path: Path) -> Iterator[UserSystemd]:
-    if os.geteuid() != 0 or not SYSTEMD.exists() or not shutil.which("unshare"):
-        pytest.skip("needs root, unshare and /lib/systemd/systemd")
-    sd = UserSystemd(tmp_path)
-    sd.units.mkdir(parents=True)
-    sd.runtime.mkdir(mode=0o700)
-    for role in Role:
-        (sd.units / role.unit).write_text(ROLE_TARGET.format(role=role.value))
-        (sd.units / f"fake-{role.value}d.service").write_text(ROLE_DAEMON.format(role=role.value))
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "XDG_RUNTIME_DIR": str(sd.runtime),
-        "XDG_CONFIG_HOME": str(tmp_path / "config"),
-        "DBUS_SESSION_BUS_ADDRESS": sd.address,
-    }
-    process = subprocess.Popen(
-        [*UNSHARE, "bash", "-c", _SCRIPT],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "systemd.log").open("wb"),
-        start_new_session=True,  # its own process group: systemd, dbus-daemon, jobs
-    )
-    try:
-        _wait_for_systemd(sd.address, process)
-        yield sd
-    finally:
-        # --kill-child: unshare's death kills the namespace's first process, and with
-        # it every process in the PID namespace (systemd's services are in sessions of
-        # their own, out of reach of a process-group kill).
-        process.send_signal(signal.SIGKILL)
-        process.wait()
 
 
 def wait_for(roles: Roles, expect: dict[str, tuple[bool, bool]]) -> dict[str, dict[str, object]]:

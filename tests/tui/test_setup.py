@@ -1,4 +1,4 @@
-"""The setup wizard and the services view driven by Pilot at 80x24: against a fake
+"""The setup wizard driven by Pilot at 80x24: against a fake
 Setup1 (steps, form refusals, confirmation, service errors), and once against the real
 secondsite-setupd on a private bus (hostname and NTP, in a UTS namespace of its own)."""
 
@@ -20,15 +20,16 @@ from textual.pilot import Pilot
 from textual.widgets import Static
 
 from appliance.dbus.client import DBusCallError
+from appliance.setup.firstboot import DONE, write_done
 from tests.tui.fake import FakeClient
-from tests.tui.test_console import SIZE, column, screenshot, text_of, until
+from tests.tui.test_console import SIZE, screenshot, text_of, until
 from tui.app import ConsoleApp
 from tui.client import setup_client
+from tui.screens.dashboard import DashboardScreen
 from tui.screens.services import ServicesScreen
 from tui.screens.setup import ReviewScreen, SetupScreen
 from tui.widgets.ascii_checkbox import AsciiCheckbox
 from tui.widgets.error_line import ErrorLine
-from tui.widgets.roles_table import RolesTable
 
 ERR = "org.secondsite.Setup1.Error."
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +57,9 @@ class FakeSetup(FakeClient):
         self.servers: list[str] = []  # type: ignore[assignment]
         self.roles = {"config": role("config", True), "process": role("process", False),
                       "target": role("target", False)}  # fmt: skip
+        self.firstboot = True  # set up at first boot: no offer of the wizard
+        self.networkd = "systemd-networkd is not running: the file applies at the next boot"
+        self.finished = False
 
     def _GetNetwork(self) -> list[dict[str, Any]]:
         return self.net
@@ -65,7 +69,7 @@ class FakeSetup(FakeClient):
         if iface["management"] and settings.get("method") == "static" and not confirm:
             raise DBusCallError(ERR + "NeedsConfirmation", f"{name} would lose 192.0.2.10/24")
         iface.update(settings)
-        return iface
+        return {**iface, "networkd": self.networkd}
 
     def _GetHostname(self) -> str:
         return self.host
@@ -86,11 +90,20 @@ class FakeSetup(FakeClient):
         self.roles = {n: role(n, n in names) for n in self.roles}
         return self.roles
 
-    def _Register(self, address: str, passphrase: str) -> None:
-        pass
+    def _Register(self, address: str, passphrase: str) -> dict[str, Any]:
+        note = f"enrolled with {address}:9440; secondsite-processd.service started"
+        unit = "secondsite-processd.service"
+        return {"config_server": f"{address}:9440",
+                "roles": {"process": {"unit": unit, "enrolled": True, "note": note}}}  # fmt: skip
+
+    def _GetFirstBoot(self) -> dict[str, Any]:
+        return {"firstboot_done": self.firstboot, "applied": [], "wizard_done": self.finished}
+
+    def _FinishSetup(self) -> None:
+        self.finished = True
 
     def sets(self) -> list[tuple[str, tuple[Any, ...]]]:
-        return [(m, a) for m, a in self.calls if not m.startswith("Get")]
+        return [(m, a) for m, a in self.calls if not m.startswith("Get") and m != "FinishSetup"]
 
 
 Scenario = Callable[[ConsoleApp, Pilot[None], FakeSetup], Awaitable[None]]
@@ -179,6 +192,7 @@ def test_network_static_is_validated_then_confirmed_and_retried() -> None:
         screenshot(app, "setup-confirm")
         await pilot.press("y")
         await until(pilot, lambda: "Done" in result(app))
+        assert result(app).splitlines()[1] == fake.networkd  # why a reboot is still needed
         settings = {"method": "static", "addresses": ["192.0.2.20/24"],
                     "gateway": "192.0.2.1", "dns": ["192.0.2.53", "192.0.2.54"]}  # fmt: skip
         assert fake.sets() == [
@@ -249,32 +263,20 @@ def test_roles_then_registration_only_without_the_configuration_role() -> None:
         await pilot.press("y")
         await until(pilot, lambda: len(fake.sets()) == 2)
         assert fake.sets()[-1] == ("Register", ("cs.example.org", "s3cret"))
+        await until(pilot, lambda: "registered" in result(app))
+        assert result(app).splitlines() == [
+            "Done: registered with cs.example.org:9440",
+            "process: enrolled with cs.example.org:9440; secondsite-processd.service started",
+        ]
 
     run(scenario)
-
-
-def test_services_view_shows_the_roles_state() -> None:
-    async def scenario(app: ConsoleApp, pilot: Pilot[None], fake: FakeSetup) -> None:
-        table = app.screen.query_one(RolesTable)
-        await until(pilot, lambda: "enabled" in column(table, "ENABLED"))
-        assert column(table, "UNIT")[0] == "secondsite-config.target"
-        assert column(table, "ENABLED") == ["enabled", "disabled", "disabled"]
-        assert column(table, "ACTIVE") == ["active", "inactive", "inactive"]
-        assert "step Roles" in text_of(app.screen.query_one("#note", Static))
-        screenshot(app, "services")
-        fake.fail["GetRoles"] = DBusCallError(ERR + "Failed", "roles are not managed here")
-        await pilot.press("g")
-        await until(pilot, lambda: error(app) is not None)
-        assert "roles are not managed here" in (error(app) or "")
-
-    run(scenario, key="s")
 
 
 # -- against the real setup service --------------------------------------------------
 
 
 @pytest.fixture
-def setupd(tmp_path: Path) -> Iterator[str]:
+def setupd(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     setupd = Path(sys.executable).with_name("secondsite-setupd")
     if os.geteuid() != 0 or shutil.which("unshare") is None or not setupd.exists():
         pytest.skip("needs root and unshare (sethostname in a UTS namespace)")
@@ -288,6 +290,8 @@ def setupd(tmp_path: Path) -> Iterator[str]:
     policy.write_text(conf.read_text().replace('group="secondsite"', 'group="nogroup"'))
     bus = start_private_bus(directory, [policy])
     (tmp_path / "etc").mkdir()
+    if "offer" not in request.node.name:  # set up at first boot: no offer of the wizard
+        write_done(tmp_path / DONE, ["hostname"])
     # A UTS namespace of its own: SetHostname must not rename the build machine.
     daemon = subprocess.Popen(
         ["unshare", "--uts", str(setupd),
@@ -345,3 +349,73 @@ def test_hostname_and_ntp_through_the_real_setupd(setupd: str, tmp_path: Path) -
     assert (tmp_path / "etc/hostname").read_text() == "dr-console-test\n"
     conf = "".join(p.read_text() for p in (tmp_path / "etc/systemd/timesyncd.conf.d").iterdir())
     assert "ntp.example.org" in conf
+
+
+@pytest.mark.integration
+@pytest.mark.root
+@pytest.mark.timeout(120)
+def test_offer_of_the_wizard_until_the_appliance_is_set_up(setupd: str, tmp_path: Path) -> None:
+    """No first-boot marker: the console opens on the wizard; once a change was applied
+    with it, setupd records that and the next console start opens the dashboard."""
+
+    async def first_start() -> None:
+        app = ConsoleApp(FakeClient(), refresh_s=60.0, setup=setup_client(setupd))
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, SetupScreen), timeout=15)
+            # Over the dashboard: Esc leads there.
+            assert isinstance(app.screen_stack[-2], DashboardScreen)
+            hostname = app.screen.query_one("#hostname-input")
+            await until(pilot, lambda: hostname.value != "", timeout=15)  # type: ignore[attr-defined]
+            await pilot.press("f4")
+            await fill(app, pilot, hostname_input="dr-offer-test")
+            await review(app, pilot)
+            await pilot.press("y")
+            await until(pilot, lambda: "Done" in result(app), timeout=15)
+            await pilot.press("escape")
+            await until(pilot, (tmp_path / "state/setup.done").exists, timeout=15)
+
+    async def second_start() -> None:
+        app = ConsoleApp(FakeClient(), refresh_s=60.0, setup=setup_client(setupd))
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+            # GetFirstBoot answered (wizard_done): the worker ends, no offer came up.
+            await until(pilot, lambda: offer_done(app), timeout=15)
+            assert isinstance(app.screen, DashboardScreen)
+
+    asyncio.run(first_start())
+    asyncio.run(second_start())
+
+
+def offer_done(app: ConsoleApp) -> bool:
+    return app.setup_state is not None
+
+
+def test_no_offer_when_first_boot_set_the_appliance_up() -> None:
+    fake = FakeSetup()  # firstboot_done
+    app = ConsoleApp(FakeClient(), refresh_s=60.0, setup=fake)
+
+    async def main() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: offer_done(app))
+            await pilot.pause()
+            assert isinstance(app.screen, DashboardScreen)
+
+    asyncio.run(main())
+    assert fake.methods() == ["GetFirstBoot"]
+
+
+def test_offer_left_without_a_change_then_the_dashboard() -> None:
+    fake = FakeSetup()
+    fake.firstboot = False
+    app = ConsoleApp(FakeClient(), refresh_s=60.0, setup=fake)
+
+    async def main() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, SetupScreen))
+            steps = app.screen.query_one("#steps", Static)
+            await until(pilot, lambda: text_of(steps).startswith("Setup: "))  # boot-test.sh
+            await pilot.press("escape")
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+
+    asyncio.run(main())
+    assert "FinishSetup" not in fake.methods()

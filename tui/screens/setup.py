@@ -171,7 +171,18 @@ def interface_line(iface: dict[str, Any]) -> str:
 def result_line(change: Change, answer: object) -> str:
     if change.method == "SetInterface":
         iface = record(answer)
-        return f"Done: {interface_line(iface) if iface else change.title}"
+        line = f"Done: {interface_line(iface) if iface else change.title}"
+        networkd = str(iface.get("networkd") or "reloaded")  # else: why the file waits
+        return line if networkd == "reloaded" else f"{line}\n{networkd}"
+    if change.method == "Register":
+        done = record(answer)
+        roles = record(done.get("roles"))
+        line = f"Done: registered with {done.get('config_server', change.args[0])}"
+        if not roles:
+            return line + " (no process or target role here to enrol)"
+        return line + "".join(
+            f"\n{n}: {record(r).get('note', '')}" for n, r in sorted(roles.items())
+        )
     if change.method == "SetRoles":
         states = record(answer)
         parts = [f"{n} {record(s).get('active_state', '?')}" for n, s in sorted(states.items())]
@@ -217,7 +228,9 @@ def _field(label: str, widget: Input) -> Horizontal:
     return Horizontal(Label(label, classes="label"), widget, classes="field")
 
 
-class SetupScreen(Screen[None]):
+class SetupScreen(Screen[bool]):
+    """Dismissed with True when at least one change was applied."""
+
     DEFAULT_CSS = """
     SetupScreen > Vertical { padding: 0 1; }
     SetupScreen #steps { text-style: bold; margin-bottom: 1; }
@@ -252,6 +265,7 @@ class SetupScreen(Screen[None]):
         self.hostname = ""
         self.ntp: list[str] = []
         self.roles: dict[str, Any] = {}
+        self.applied_any = False
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -457,6 +471,7 @@ class SetupScreen(Screen[None]):
         self._applied(change, answer)
 
     def _applied(self, change: Change, answer: object) -> None:
+        self.applied_any = True
         self._say(None, result_line(change, answer))
         if change.method == "SetHostname":
             self._loaded("GetHostname", change.args[0])
@@ -473,4 +488,4 @@ class SetupScreen(Screen[None]):
             self.query_one("#result", Static).update(result)
 
     def action_back(self) -> None:
-        self.dismiss(None)
+        self.dismiss(self.applied_any)
