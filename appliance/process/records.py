@@ -56,6 +56,7 @@ class PendingRecord:
     parts: list[Buffer]
     body_len: int
     payload_len: int
+    msg: Data | Tag  # kept so a forwarder can take it from memory once it is durable
 
     @classmethod
     def of(cls, msg: Data | Tag, received_ns: int) -> PendingRecord:
@@ -65,8 +66,8 @@ class PendingRecord:
         if body_len > MAX_BODY:  # the wire's frame limit keeps received messages far below
             raise ValueError(f"a {body_len}-byte message body exceeds the spool's {MAX_BODY}")
         if isinstance(msg, Data):
-            return cls(msg.seq, RecordKind.DATA, received_ns, parts, body_len, msg.wire_size)
-        return cls(msg.seq, RecordKind.TAG, received_ns, parts, body_len, 0)
+            return cls(msg.seq, RecordKind.DATA, received_ns, parts, body_len, msg.wire_size, msg)
+        return cls(msg.seq, RecordKind.TAG, received_ns, parts, body_len, 0, msg)
 
     @property
     def size(self) -> int:

@@ -17,6 +17,7 @@ from appliance.process.errors import (
     UnknownStream,
 )
 from appliance.process.records import META_NAME, SUFFIX, StreamMeta
+from appliance.process.spoolio import RECENT_BYTES
 from appliance.process.stream import SpaceAccount, SpoolStream
 from appliance.storage.atomic import fsync_dir
 from appliance.storage.fileio import is_no_space
@@ -48,9 +49,11 @@ def validate_name(name: str) -> str:
 class SpoolSettings:
     segment_bytes: int = 16 * MIB
     limit_bytes: int = 8 * GIB  # over all streams; above it append raises SpoolFull
+    # Committed records kept in memory for their first read, over all streams (0: none).
+    recent_bytes: int = RECENT_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("segment_bytes", "limit_bytes"):
+        for name in ("segment_bytes", "limit_bytes", "recent_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidSettings(f"spool {name} must be an integer, got {value!r}")
@@ -59,6 +62,8 @@ class SpoolSettings:
                 f"spool segment_bytes must be {MIN_SEGMENT}..{MAX_SEGMENT}, "
                 f"got {self.segment_bytes}"
             )
+        if self.recent_bytes < 0:
+            raise InvalidSettings(f"spool recent_bytes must be >= 0, got {self.recent_bytes}")
         if self.limit_bytes < 4 * self.segment_bytes:
             raise InvalidSettings(
                 f"spool limit_bytes ({self.limit_bytes}) must be at least four segments "
@@ -134,7 +139,7 @@ class Spool:
     def __init__(self, directory: Path, settings: SpoolSettings) -> None:
         self.directory = directory
         self.settings = settings
-        self._account = SpaceAccount(settings.limit_bytes)
+        self._account = SpaceAccount(settings.limit_bytes, settings.recent_bytes)
         self._lock = threading.Lock()
         self._streams: dict[str, SpoolStream] = {}
         if not directory.is_dir():

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from bisect import bisect_right
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,10 @@ class SpoolStream:
 
     ``append`` runs on the event loop thread and only touches memory. ``commit`` (a
     committer thread) writes everything pending with one fdatasync. ``read`` and
-    ``release`` run on worker threads. Locks, always taken in this order: ``_io_lock``
+    ``release`` run on worker threads. What a commit made durable also stays in memory
+    (within the spool's budget, see SpaceAccount) until it is first read, so a forwarder
+    keeping up takes it from there instead of reading it back and checking it again.
+    Locks, always taken in this order: ``_io_lock``
     keeps reads and releases apart (no segment is unlinked under a reader);
     ``_commit_lock`` keeps commits apart from each other and from replacing the active
     segment; ``_lock`` guards the in-memory state and is never held over I/O.
@@ -71,6 +75,7 @@ class SpoolStream:
         self._inflight: list[PendingRecord] = []  # taken by the commit in progress
         self._queued_payload = 0  # payload bytes of pending + inflight
         self._queued_bytes = 0  # record bytes of pending + inflight (reserved in account)
+        self._recent: deque[PendingRecord] = deque()  # durable, contiguous, not read yet
         self._closed = False
         self._acked = self._persisted_acked = meta.target_acked_seq
         self._persisted_at = time.monotonic_ns()
@@ -198,9 +203,17 @@ class SpoolStream:
                 if not batch:
                     return self._durable
                 self._inflight = batch
+                # Only commits append to _recent (reads and releases take from its
+                # front), so this still holds when the batch is published.
+                follows = not self._recent or self._recent[-1].seq + 1 == batch[0].seq
+            # A batch kept in memory for the forwarder needs no page cache copy.
+            claimed = sum(rec.size for rec in batch) if follows else 0
+            keep = follows and self._account.take_recent(claimed)
             try:
-                (active_length, fresh, end), fitted = self._write_fitting(batch)
+                (active_length, fresh, end), fitted = self._write_fitting(batch, keep)
             except BaseException as exc:
+                if keep:
+                    self._account.give_recent(claimed)
                 with self._lock:
                     self._pending = batch + self._pending
                     self._inflight = []
@@ -227,12 +240,16 @@ class SpoolStream:
                 self._pending = rest + self._pending
                 self._queued_payload -= sum(rec.payload_len for rec in batch)
                 self._queued_bytes -= written
+                if keep:
+                    self._recent.extend(batch)
                 old_fds = [self._wfd] + [f.fd for f in fresh[:-1]] if fresh else []
                 if fresh:
                     self._wfd = fresh[-1].fd
             for fd in old_fds:
                 os.close(fd)
             self._account.settle(written, written + SEGMENT_HEADER.size * len(fresh))
+            if keep and rest:
+                self._account.give_recent(claimed - written)
             if rest:
                 raise StorageFull(
                     f"spool of {self.disk_id}: no space left on device; durable up to "
@@ -240,7 +257,7 @@ class SpoolStream:
                 )
             return batch[-1].seq
 
-    def _write_fitting(self, batch: list[Any]) -> tuple[Any, int]:
+    def _write_fitting(self, batch: list[Any], drop_cache: bool) -> tuple[Any, int]:
         """write_batch the longest prefix of `batch` that fits: all, else halves on ENOSPC."""
         count = len(batch)
         while True:
@@ -248,12 +265,21 @@ class SpoolStream:
                 result = write_batch(
                     self._segments[-1], self._wfd, self._end, batch[:count],
                     segment_bytes=self._segment_bytes, create=self._create_segment,
+                    drop_cache=drop_cache,
                 )  # fmt: skip
                 return result, count
             except OSError as exc:
                 if not is_no_space(exc) or count == 1:
                     raise
                 count //= 2
+
+    def _drop_recent(self, upto_seq: int) -> None:
+        """(Under _lock.) Forget the kept records <= ``upto_seq``."""
+        freed = 0
+        while self._recent and self._recent[0].seq <= upto_seq:
+            freed += self._recent.popleft().size
+        if freed:
+            self._account.give_recent(freed)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -265,6 +291,9 @@ class SpoolStream:
         further on ends the batch early and is raised by the next call.
         """
         with self._io_lock:
+            recent = self._read_recent(after_seq, max_bytes)
+            if recent:
+                return recent
             plan = self._plan_read(after_seq, max_bytes)
             out: list[Data | Tag] = []
             for segment, first_seq, positions, sizes in plan:
@@ -278,6 +307,28 @@ class SpoolStream:
                         return out  # the records before the damage are good
                     raise damage
             return out
+
+    def _read_recent(self, after_seq: int, max_bytes: int) -> list[Data | Tag]:
+        """The records ``read`` would return, from memory, when the first of them is kept
+        there (they are forgotten as they are returned); else []."""
+        with self._lock:
+            if self._closed:
+                raise StreamClosed(f"stream {self.disk_id} is closed")
+            self._drop_recent(after_seq)
+            recent = self._recent
+            if not recent or recent[0].seq != after_seq + 1:
+                return []
+            if self.corrupt_at_seq is not None and after_seq < self._damage_to:
+                return []  # the disk path knows what to say about damage
+            out: list[Data | Tag] = []
+            payload = freed = 0
+            while recent and (not out or payload + recent[0].payload_len <= max_bytes):
+                rec = recent.popleft()
+                out.append(rec.msg)
+                payload += rec.payload_len
+                freed += rec.size
+        self._account.give_recent(freed)
+        return out
 
     def _plan_read(
         self, after_seq: int, max_bytes: int
@@ -342,6 +393,7 @@ class SpoolStream:
                             f"beyond durable {self._durable} with records pending"
                         )
                     self._acked = acked_seq
+                    self._drop_recent(acked_seq)
                     if self.corrupt_at_seq is not None and self._damage_to <= acked_seq:
                         self.corrupt_at_seq = None  # the target has the damaged range
                         self._damage_to = 0
@@ -466,6 +518,7 @@ class SpoolStream:
                 self._closed = True
                 dropped, self._queued_bytes = self._queued_bytes, 0
                 self._pending, self._queued_payload = [], 0
+                self._drop_recent(self._appended)
             self._account.settle(dropped, 0)
             os.close(self._wfd)
             if self._acked > self._persisted_acked:

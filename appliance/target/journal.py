@@ -153,6 +153,15 @@ def encode(seq: int, offset: int, old: bytes, level: int) -> list[PendingRecord]
     return out
 
 
+def encode_zeros(seq: int, offset: int, length: int) -> list[PendingRecord]:
+    """Undo records for ``length`` bytes at ``offset`` known to read as zeros (a hole):
+    what ``encode`` makes of zeros, without reading or comparing them."""
+    return [
+        PendingRecord(seq, offset + pos, min(MAX_RECORD, length - pos), Encoding.ZEROS, b"", 0)
+        for pos in range(0, length, MAX_RECORD)
+    ]
+
+
 def _pack_header(rec: PendingRecord, lsn: int) -> bytes:
     head = RECORD_HEADER.pack(
         RECORD_MAGIC, RecordKind.UNDO, rec.encoding, 0, lsn, rec.seq, rec.offset,

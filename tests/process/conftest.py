@@ -13,8 +13,10 @@ from appliance.process.stream import SpoolStream
 from appliance.storage.faults import set_fault_hook
 from appliance.wire.messages import Data, Tag, TagKind
 
-# Small segments so a few hundred KiB of records roll over many times.
-SMALL = SpoolSettings(segment_bytes=64 << 10, limit_bytes=64 << 20)
+# Small segments so a few hundred KiB of records roll over many times; no records kept
+# in memory after commit, so every read goes to the segments (test_spool_recent.py
+# covers reads from memory).
+SMALL = SpoolSettings(segment_bytes=64 << 10, limit_bytes=64 << 20, recent_bytes=0)
 DISK = "disk-0"
 MACHINE = "machine-0"
 SIZE = 1 << 30

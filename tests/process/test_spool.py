@@ -299,6 +299,8 @@ def test_settings_are_validated() -> None:
         {"limit_bytes": 32 << 20},  # fewer than four default segments
         {"segment_bytes": True},
         {"limit_bytes": 1.5},
+        {"recent_bytes": -1},
+        {"recent_bytes": 1.5},
     ]
     for bad in bad_settings:
         with pytest.raises(InvalidSettings):
