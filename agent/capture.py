@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from agent.errors import BarrierTimeout, FreezeTimeout, QuiesceFailed
+from agent.extents import pread_extents
 from agent.quiesce import Freeze, freeze
 from agent.trackers.base import DirtyMap, Tracker
 from agent.trackers.tracefs import TracefsTracker
@@ -33,7 +34,6 @@ from agent.trackers.tracefs import TracefsTracker
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET = 64 << 20  # bytes copied into memory per capture, at most
-_PIECE = 8 << 20  # read size between two looks at the deadline
 
 
 @dataclass(frozen=True)
@@ -188,32 +188,21 @@ def _refusal(
 
 def _copy(fd: int, dirty: DirtyMap, handle: Freeze) -> tuple[mmap.mmap | None, str | None]:
     """pread every dirty extent into one page-aligned buffer (O_DIRECT wants aligned
-    memory; an anonymous mmap is). Stops at the deadline rather than overrun it."""
+    memory; an anonymous mmap is), several at once (`agent.extents`). Stops at the
+    deadline rather than overrun it."""
     extents = list(dirty.extents())
     total = sum(length for _, length in extents)
     if total == 0:
         return mmap.mmap(-1, 1), None
     buffer = mmap.mmap(-1, total)
-    view = memoryview(buffer)
     try:
-        position = 0
-        for offset, length in extents:
-            done = 0
-            while done < length:
-                if handle.expired():
-                    return None, "the copy did not finish inside the freeze bound"
-                piece = min(_PIECE, length - done)
-                target = view[position + done : position + done + piece]
-                got = os.preadv(fd, [target], offset + done)
-                target.release()
-                if got <= 0:
-                    return None, f"short read at {offset + done}: device smaller than tracked"
-                done += got
-            position += length
+        with memoryview(buffer) as view:
+            reason = pread_extents(fd, extents, view, expired=handle.expired)
     except OSError as err:
-        return None, f"reading the device failed: {err}"
-    finally:
-        view.release()
+        reason = f"reading the device failed: {err}"
+    if reason is not None:
+        buffer.close()
+        return None, reason
     return buffer, None
 
 

@@ -7,6 +7,7 @@ import json
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent import status as status_file
 from agent.config import (
@@ -16,6 +17,8 @@ from agent.config import (
     AgentConfig,
     resolve_disks,
 )
+from agent.disk_ids import assign as assign_disk_ids
+from agent.host_facts import bios_uuid
 from appliance.daemon.cli import run_main
 from appliance.daemon.enrolled import enrol
 from appliance.daemon.logs import setup_logging
@@ -42,10 +45,16 @@ commands:
 configuration file keys for `run` (TOML, [section] name = value):
 {describe(AGENT_SETTINGS)}
 
+signals (to `run`):
+  SIGTERM  stop at the next safe point (never inside a freeze), saving the state
+  SIGUSR1  take a crash-consistent recovery point now, whatever the schedule
+
 files:
   {DEFAULT_CONFIG}        configuration (optional; agent.process_server is required)
   STATE/status.json        written every second by `run`, read by `status`
   STATE/DISK_ID.json       per-disk replication progress (survives restarts)
+  STATE/disk-ids.json      which disk (serial, loop backing file) has which DISK_ID:
+                           a disk keeps its id when its kernel name changes
 
 exit status:
   0 stopped cleanly / the agent is running, 2 bad command line, 3 bad configuration
@@ -126,9 +135,11 @@ def enroll(args: argparse.Namespace) -> int:
         enrolling=True,
     )  # fmt: skip
     disks = resolve_disks(config.disks)
-    facts = {
+    ids = assign_disk_ids(config.state_dir, config.machine_id, disks)
+    facts: dict[str, Any] = {
         "hostname": socket.gethostname(),
-        "disks": [{"disk_id": f"{config.machine_id}-{d.name}", "path": str(d.path),
+        "bios_uuid": bios_uuid(),  # links the machine to its VM (protect-vm)
+        "disks": [{"disk_id": ids[d.name], "path": str(d.path),
                    "size_bytes": d.size, "sector_size": d.logical_sector_size}
                   for d in disks],
     }  # fmt: skip

@@ -8,6 +8,7 @@ STATE/status.json (`agent.status`) is rewritten atomically every second.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 import uvloop
 
 from agent.config import AgentConfig, TrackerChoice
-from agent.discovery import Disk
+from agent.discovery import Disk, disk_identity
 from agent.errors import AgentError, TrackerUnavailable
 from agent.managed import Controller
 from agent.remote import stream_digests
@@ -54,7 +55,7 @@ def choose_tracker(config: AgentConfig, disks: list[Disk]) -> TrackerFactory:
     scan_dir = config.state_dir / "scan"
 
     def scan(disk: Disk) -> Tracker:
-        return ScanTracker(disk, scan_dir / f"{disk.name}.digests")
+        return ScanTracker(disk, scan_dir / f"{digest_file_stem(disk)}.digests")
 
     if config.tracker is TrackerChoice.SCAN:
         return scan
@@ -69,6 +70,16 @@ def choose_tracker(config: AgentConfig, disks: list[Disk]) -> TrackerFactory:
             return scan
         probe.stop()
     return TracefsTracker
+
+
+def digest_file_stem(disk: Disk) -> str:
+    """The scan tracker's file follows the disk, not its kernel name: after two disks
+    swap names, each would otherwise trust the other's digests (same major:minor, and
+    the same size is common) and miss every chunk where the two disks happen to agree."""
+    identity = disk_identity(disk)
+    if not identity:
+        return disk.name
+    return f"{disk.name.rstrip('0123456789')}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
 
 def client_tls(config: AgentConfig) -> ssl.SSLContext:
@@ -141,6 +152,12 @@ async def serve_managed(  # noqa: PLR0917 - mirrors serve()
     reports = reporter(enrolled, config.state_dir, "agent", build=controller.report,
                        on_answer=controller.apply)  # fmt: skip
     status_path = config.state_dir / STATUS_FILE
+
+    def tag_now() -> None:
+        if controller.session is not None:
+            controller.session.replicator.request_tag()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, tag_now)
 
     def write_status() -> None:
         session = controller.session
@@ -240,6 +257,7 @@ async def serve(
             parts.append(f"{disk_id} {state}, {s['tags']} tags")
         return f"{rep.phase}: " + "; ".join(parts)
 
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, rep.request_tag)
     await sender.start()
     await rep.start()
     log.info(

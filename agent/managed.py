@@ -11,6 +11,10 @@ An answer may also ask for a failback (`{"failback": {"generation": n, "target":
 are made equal to their replicas (`agent.failback`) in a background task, and the
 reports carry `failback_done` (the newest generation finished), its figures, or the
 error that stopped it — the configuration server's job waits for these.
+
+An answer's `{"group": {...}}` (the machine is in a consistency group) starts the
+`agent.group_tag.GroupTagger`: the group's common points, taken by the session's
+replicator with a barrier at the configuration server inside the freeze.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from typing import Any
 from agent import failback
 from agent.config import AgentConfig
 from agent.discovery import Disk, disk_identity, refresh
+from agent.disk_ids import assign as assign_disk_ids
 from agent.errors import AgentError
+from agent.group_tag import BarrierClient, GroupTagger
 from agent.remote import stream_digests
 from agent.replicator import AckRelay, Replicator
 from agent.state import load as load_state
 from agent.trackers.base import Tracker
+from appliance.daemon.enrolled import load as load_enrolment
 from appliance.settings import host_port, parse_host_port
 from appliance.wire.errors import WireError
 from appliance.wire.sender import StreamSender
@@ -69,9 +76,15 @@ class Controller:
         self.failback_report: dict[str, Any] = {}  # the last failback's figures or error
         self._failback: asyncio.Task[None] | None = None
         self._policy: dict[str, Any] = {}
+        self.groups: GroupTagger | None = None  # made on the first answer naming a group
+        self._disk_ids: dict[str, str] | None = None  # kernel name -> disk id
 
     def disk_id(self, disk: Disk) -> str:
-        return f"{self.config.machine_id}-{disk.name}"
+        """Bound to the disk's identity, not its kernel name (`agent.disk_ids`)."""
+        if self._disk_ids is None:
+            self._disk_ids = assign_disk_ids(self.config.state_dir, self.config.machine_id,
+                                             self.disks)  # fmt: skip
+        return self._disk_ids[disk.name]
 
     # -- the report ------------------------------------------------------------------
 
@@ -126,6 +139,21 @@ class Controller:
             if self.session is not None and isinstance(generation, int) and generation > 0:
                 self.session.replicator.request_resync(generation)
             self._apply_policy(answer.get("policy"))
+            self._apply_group(answer.get("group"))
+
+    def _apply_group(self, group: Any) -> None:
+        """Take this machine's consistency-group points (`agent.group_tag`)."""
+        if self.groups is None and isinstance(group, dict):
+            enrolled = load_enrolment(self.config.state_dir)
+            if enrolled is None:
+                return
+            host, port = enrolled.address
+            client = BarrierClient(host, port, self._ssl, self.config.machine_id)
+            self.groups = GroupTagger(
+                client, lambda: self.session.replicator if self.session else None
+            )
+        if self.groups is not None:
+            self.groups.update(group)
 
     def _apply_policy(self, policy: Any) -> None:
         """The machine's policy (intervals, scripts) from the configuration server; the
@@ -159,6 +187,8 @@ class Controller:
 
     async def close(self) -> None:
         async with self._lock:
+            if self.groups is not None:
+                await self.groups.close()
             await self._stop()
             if self._failback is not None:
                 self._failback.cancel()

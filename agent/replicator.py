@@ -39,8 +39,9 @@ from typing import Any
 
 from agent.capture import DEFAULT_BUDGET, Capture, capture_machine
 from agent.discovery import Disk, disk_identity, refresh
+from agent.disk_ids import assign as assign_disk_ids
 from agent.errors import AgentError
-from agent.replicator_disk import AckRelay, DiskRun, Progress, split
+from agent.replicator_disk import AckRelay, DiskRun, Progress, batches, split
 from agent.resync import RemoteDigests, differing_chunks
 from agent.state import load, save
 from agent.trackers.base import DirtyMap, Tracker
@@ -53,8 +54,15 @@ APP_RETRY = 300.0  # a failed app-consistent point is tried again after this (at
 log = logging.getLogger(__name__)
 
 TrackerFactory = Callable[[Disk], Tracker]
+#: Called frozen with the seconds it may wait: the group's tag id, or None (agent.group_tag).
+GroupBarrier = Callable[[float], str | None]
+BARRIER_MARGIN = 0.1  # seconds of the freeze bound kept for the emit and the thaw
 CHUNK = 1 << 20  # initial-copy read and frame size
 SEND_INTERVAL = 0.5  # live drains between tags
+SEND_BATCH = 8 << 20  # bytes read per worker-thread hop when sending dirty extents
+# A point asked for (request_tag, and the first one) that could not be taken is tried
+# again this soon rather than at the next scheduled tag; the machine runs in between.
+TAG_RETRY = 1.0
 SAVE_INTERVAL = 0.5  # state written at most this often (plus at stop)
 
 
@@ -111,8 +119,9 @@ class Replicator:
         self._acks = acks
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._runs = []
+        ids = assign_disk_ids(self.state_dir, machine_id, disks)  # bound to identity, not name
         for disk in disks:
-            disk_id = f"{machine_id}-{disk.name}"
+            disk_id = ids[disk.name]
             state = load(self.state_dir, disk_id, disk.size, disk_identity(disk))
             self._runs.append(DiskRun(disk, disk_id, state))
         self._by_id = {run.disk_id: run for run in self._runs}
@@ -123,8 +132,11 @@ class Replicator:
             self._on_ack(disk_id, seq)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._tag_now = asyncio.Event()
         self._read_rate: float | None = None
         self._resync_wanted: int | None = None
+        # A group point asked for (agent.group_tag): the barrier and who waits for it.
+        self._group_wanted: tuple[GroupBarrier, asyncio.Future[str | None]] | None = None
         self.resync_done = 0  # the newest resync generation finished (see request_resync)
         self.phase = "created"
         self.error: BaseException | None = None
@@ -146,6 +158,11 @@ class Replicator:
     def status(self) -> dict[str, dict[str, Any]]:
         return {run.disk_id: run.status() | {"phase": self.phase} for run in self._runs}
 
+    def unheld_disks(self) -> list[str]:
+        """Disks with no mounted filesystem: the freeze does not stop their writes, so
+        this machine cannot be frozen at a group's instant (agent.group_tag)."""
+        return [run.disk.name for run in self._runs if not run.disk.mounts]
+
     def set_schedule(
         self, tag_interval: float, app_interval: float | None,
         pre_script: Sequence[str] | None, post_script: Sequence[str] | None,
@@ -159,12 +176,29 @@ class Replicator:
         self.pre_script = tuple(pre_script) if pre_script else None
         self.post_script = tuple(post_script) if post_script else None
 
+    def request_tag(self) -> None:
+        """Take a crash-consistent point as soon as the current round allows, whatever
+        the schedule (SIGUSR1 to `secondsite-agent run`; benchmarks time deltas so)."""
+        self._tag_now.set()
+
     def request_resync(self, generation: int) -> None:
         """Compare every chunk of every disk with the master target's digests and send
         what differs (the configuration server asked, e.g. after a suspected divergence);
         `resync_done` becomes `generation` once the differences are queued."""
         if generation > max(self.resync_done, self._resync_wanted or 0):
             self._resync_wanted = generation
+
+    async def group_point(self, barrier: GroupBarrier) -> str | None:
+        """Take a point now whose capture, while frozen, waits in `barrier` (called in
+        the capture thread with the seconds of freeze bound it may use; it returns the
+        group's tag id, or None). The tag id emitted, None if no point was taken; a
+        barrier answering None still yields this machine's own point."""
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        if self._group_wanted is not None and not self._group_wanted[1].done():
+            self._group_wanted[1].set_result(None)  # superseded: one round at a time
+        self._group_wanted = (barrier, future)
+        self._tag_now.set()
+        return await future
 
     async def start(self) -> None:
         if self._task is not None:
@@ -314,7 +348,19 @@ class Replicator:
                 await self._resync(run, run.gap)
                 run.gap = None
         next_tag = time.monotonic()  # a first point as soon as possible
+        wanted = True  # a point asked for (and the first one): retried until taken
         while not self._stopping.is_set():
+            if self._group_wanted is not None:  # first: the other members are waiting
+                (barrier, future), self._group_wanted = self._group_wanted, None
+                if future.done():  # its asker gave up (left the group): a stale slot
+                    continue
+                self._tag_now.clear()
+                await self._check_disks()
+                taken = await self._tag_round(TagKind.CRASH, barrier)
+                if not future.done():
+                    future.set_result(taken)
+                next_tag = time.monotonic() + self.tag_interval
+                continue
             if self._resync_wanted is not None:
                 generation, self._resync_wanted = self._resync_wanted, None
                 for run in self._runs:
@@ -323,13 +369,25 @@ class Replicator:
             for run in self._runs:
                 await self._send_dirty(run, await asyncio.to_thread(run.live_drain))
             remaining = next_tag - time.monotonic()
-            if remaining > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), min(SEND_INTERVAL, remaining))
+            if remaining > 0 and not self._tag_now.is_set():
+                await self._nap(min(SEND_INTERVAL, remaining))
                 continue
+            wanted = wanted or self._tag_now.is_set()
+            self._tag_now.clear()
             await self._check_disks()
-            await self._tag_round(self._app_due())
-            next_tag = time.monotonic() + self.tag_interval
+            taken = await self._tag_round(self._app_due())
+            wanted = wanted and taken is None
+            next_tag = time.monotonic() + (min(TAG_RETRY, self.tag_interval) if wanted
+                                           else self.tag_interval)  # fmt: skip
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep until `seconds` pass, a stop, or a requested tag."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._stopping, self._tag_now)]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
 
     async def _resync(self, run: DiskRun, ranges: DirtyMap) -> None:
         if not ranges:
@@ -350,15 +408,18 @@ class Replicator:
         run.pending_merge(differ)
 
     async def _send_dirty(self, run: DiskRun, dirty: DirtyMap | None) -> None:
-        """Read `dirty` (plus anything pending) live and send it, untagged."""
+        """Read `dirty` (plus anything pending) live and send it, untagged. Extents are
+        read in batches of up to SEND_BATCH bytes per worker-thread hop: at 4 KiB
+        granularity a hop per extent cost more than the read."""
         dirty = run.take_pending(dirty)
         if dirty is None or not dirty:
             return
-        assert run.reader is not None
-        for offset, length in dirty.extents():
-            for at, size in split(offset, length, self.chunk):
-                data = await asyncio.to_thread(run.reader.read, at, size)
+        started, sent = time.monotonic(), run.bytes_sent
+        for batch in batches(dirty.extents(), self.chunk, SEND_BATCH):
+            for at, data in await asyncio.to_thread(run.read_extents, batch):
                 await self._submit_data(run, at, data)
+        log.debug("%s: %d bytes sent live in %.3f s", run.disk_id, run.bytes_sent - sent,
+                  time.monotonic() - started)  # fmt: skip
 
     def _app_failed(self, reason: str) -> None:
         log.warning("machine %s: app-consistent point skipped: %s", self.machine_id, reason)
@@ -385,14 +446,25 @@ class Replicator:
             return TagKind.CRASH
         return TagKind.APP
 
-    async def _tag_round(self, kind: TagKind = TagKind.CRASH) -> None:
+    async def _tag_round(
+        self, kind: TagKind = TagKind.CRASH, barrier: GroupBarrier | None = None
+    ) -> str | None:
+        """One freeze and capture; the tag id emitted on every disk (None: no point)."""
         tag_id = uuid.uuid4().hex
         hook = None
-        if self._on_frozen is not None:
+        started = time.monotonic()
+        if barrier is not None and self.unheld_disks():
+            barrier = None  # writes the freeze cannot stop: never arrive "frozen"
+        if self._on_frozen is not None or barrier is not None:
             on_frozen = self._on_frozen
 
             def hook() -> None:
-                on_frozen(tag_id)
+                nonlocal tag_id
+                if barrier is not None:  # what is left of the bound, from before syncfs
+                    left = self.freeze_timeout - (time.monotonic() - started) - BARRIER_MARGIN
+                    tag_id = barrier(max(0.0, left)) or tag_id
+                if on_frozen is not None:
+                    on_frozen(tag_id)
 
         mounts = sorted({str(m.mount_point) for run in self._runs for m in run.disk.mounts})
         targets: list[tuple[Tracker, int]] = []
@@ -411,17 +483,20 @@ class Replicator:
                 # A broken pre-script must not cost the crash-consistent points: retry
                 # the app-consistent one later, take a crash-consistent one now.
                 self._app_failed(err.message)
-                await self._tag_round(TagKind.CRASH)
-                return
+                return await self._tag_round(TagKind.CRASH)
             for run in self._runs:
                 run.untagged(err.message)
-            return
+            return None
         if all(isinstance(r, Capture) for r in results):
             copied = sum(r.nbytes for r in results if isinstance(r, Capture))
             seconds = sum(r.copy_seconds for r in results if isinstance(r, Capture))
             if seconds > 0.01:
                 self._read_rate = copied / seconds
             now = time.time_ns()
+            log.debug("tag %s: %d bytes copied in %.3f s, frozen %.3f s, round %.3f s",
+                      tag_id, copied, seconds, max(r.freeze_seconds for r in results
+                                                   if isinstance(r, Capture)),
+                      time.monotonic() - started)  # fmt: skip
             for run, result in zip(self._runs, results, strict=True):
                 assert isinstance(result, Capture)
                 for offset, data in result.extents:
@@ -434,7 +509,7 @@ class Replicator:
             if app:
                 self.last_app_tag_ns, self.app_failure = now, None
                 self._next_app = time.monotonic() + (self.app_interval or 0.0)
-            return
+            return tag_id
         if app:
             self._app_failed(next(r.reason for r in results if not isinstance(r, Capture)))
         for run, result in zip(self._runs, results, strict=True):
@@ -443,3 +518,4 @@ class Replicator:
             await self._send_dirty(run, result.dirty)
             if result.resync is not None:
                 await self._resync(run, result.resync)
+        return None

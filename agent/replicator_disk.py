@@ -8,15 +8,18 @@ reads through `reader` (called via asyncio.to_thread, one at a time per disk).
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from agent.digest import DeviceReader
 from agent.discovery import Disk
+from agent.errors import DeviceResized
+from agent.extents import pread_extents
 from agent.state import DiskState
 from agent.trackers.base import DirtyMap, Tracker
 from agent.trackers.tracefs import TracefsTracker
@@ -59,6 +62,24 @@ def split(offset: int, length: int, piece: int) -> Iterator[tuple[int, int]]:
         offset += size
 
 
+def batches(
+    extents: Iterable[tuple[int, int]], piece: int, limit: int
+) -> Iterator[list[tuple[int, int]]]:
+    """`extents` split into pieces of at most `piece` bytes, grouped into lists of at
+    most `limit` bytes (at least one piece each), in order."""
+    batch: list[tuple[int, int]] = []
+    total = 0
+    for offset, length in extents:
+        for at, size in split(offset, length, piece):
+            if batch and total + size > limit:
+                yield batch
+                batch, total = [], 0
+            batch.append((at, size))
+            total += size
+    if batch:
+        yield batch
+
+
 class DiskRun:
     def __init__(self, disk: Disk, disk_id: str, state: DiskState) -> None:
         self.disk = disk
@@ -90,6 +111,22 @@ class DiskRun:
     def open_device(self, read_size: int) -> None:
         self.reader = DeviceReader(self.disk.path, self.disk.size, read_size)
         self.fd = os.open(self.disk.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+
+    def read_extents(self, extents: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+        """The device's bytes of each (offset, length), read now, several reads at once
+        (`agent.extents`) through the O_DIRECT descriptor (worker thread)."""
+        total = sum(length for _, length in extents)
+        with mmap.mmap(-1, max(total, 1)) as buffer:
+            with memoryview(buffer) as view:
+                reason = pread_extents(self.fd, extents, view)
+            if reason is not None:
+                raise DeviceResized(str(self.disk.path), self.disk.size,
+                                    os.lseek(self.fd, 0, os.SEEK_END))  # fmt: skip
+            out, position = [], 0
+            for offset, length in extents:
+                out.append((offset, buffer[position : position + length]))
+                position += length
+        return out
 
     def close(self) -> None:
         if self.tracker is not None:

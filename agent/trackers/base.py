@@ -13,7 +13,9 @@ import re
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
-CHUNK = 64 * 1024  # default tracking granularity in bytes; configurable per tracker
+CHUNK = 64 * 1024  # checksum-resync and scan-digest granularity in bytes
+FINE = 4096  # the finest tracking granularity: the page size, a filesystem block
+MAX_BITMAP = 8 << 20  # bytes of dirty bitmap per disk, at most (4 KiB up to 256 GiB)
 
 _NONZERO_RUN = re.compile(rb"[^\x00]+")
 _FULL_RUN = re.compile(rb"\xff+")
@@ -184,6 +186,17 @@ class DirtyMap:
 
     def __repr__(self) -> str:
         return f"DirtyMap(size={self.size}, chunk={self.chunk}, count={self.count})"
+
+
+def fine_chunk(size: int, finest: int = FINE, max_bitmap: int = MAX_BITMAP) -> int:
+    """The finest power-of-two granularity from `finest` up whose bitmap of a `size`-byte
+    disk fits in `max_bitmap` bytes. Fine tracking is what keeps a delta small (a 4 KiB
+    write sends 4 KiB, not a 64 KiB chunk); the cap keeps a huge disk's map, which every
+    drain allocates afresh and scans, cheap."""
+    chunk = finest
+    while -(-size // chunk) > max_bitmap * 8:
+        chunk *= 2
+    return chunk
 
 
 @runtime_checkable

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import xxhash
 
 from agent.digest import ALGORITHM, ALIGN, DIGEST_SIZE, READ_SIZE, DeviceReader
 from agent.discovery import Disk, refresh
 from agent.errors import StateCorrupt
-from agent.trackers.base import CHUNK, DirtyMap, Tracker
+from agent.trackers.base import CHUNK, DirtyMap, Tracker, fine_chunk
 from appliance.checksum import crc32c
 from appliance.storage.atomic import atomic_write
 
@@ -28,6 +30,8 @@ _ALGORITHMS = {"xxh3_128": 1}
 _HEADER = struct.Struct("<8sHHIIQIQI")
 assert _HEADER.size == 44
 _CRC_AT = _HEADER.size - 4
+_FINE_SIZE = 8  # xxh3_64 per fine block: change detection within a chunk, memory only
+FINE_MEMORY = 64 << 20  # fine digests per disk, at most (4 KiB blocks up to 32 GiB)
 
 
 class ScanTracker:
@@ -70,6 +74,15 @@ class ScanTracker:
     as corrupt (logged once). Either way every chunk starts uncertain, which means a
     full checksum resync, never trust and never a blind full copy.
 
+    Fine reporting: `drain` reports at `fine` granularity (4 KiB by default, see
+    `fine_chunk`), so a 4 KiB write sends 4 KiB, not its 64 KiB chunk. The scan itself
+    stays at `chunk` (one C-speed digest and one compare per 64 KiB, a whole read
+    compared at once when nothing moved); only a chunk whose digest moved is looked at
+    closer: an 8-byte xxh3_64 per fine block, kept in memory (8 bytes per 4 KiB, capped
+    at FINE_MEMORY by coarsening) against the previous scan's. A chunk without fine
+    digests (it was written while no agent ran) is reported whole, once; `start` reads
+    the disk once for the fine digests of the others.
+
     Not thread-safe: one caller drives one tracker. Every method may block on I/O.
     """
 
@@ -81,11 +94,16 @@ class ScanTracker:
         state_path: Path,
         *,
         chunk: int = CHUNK,
+        fine: int | None = None,
         read_size: int = READ_SIZE,
         sys_root: Path = Path("/sys"),
     ) -> None:
         if chunk % ALIGN or not ALIGN <= chunk <= read_size:
             raise ValueError(f"chunk {chunk}: a multiple of {ALIGN} up to read_size {read_size}")
+        fine = fine or min(chunk, fine_chunk(disk.size, max_bitmap=FINE_MEMORY // 64))
+        if fine % ALIGN or chunk % fine:
+            raise ValueError(f"fine {fine}: a multiple of {ALIGN} that divides chunk {chunk}")
+        self.fine = fine
         self.disk = disk
         self.state_path = state_path
         self.chunk = chunk
@@ -97,6 +115,9 @@ class ScanTracker:
         self._uncertain = DirtyMap(disk.size, chunk)
         self._resync: DirtyMap | None = None
         self._started = False
+        # Fine digests of the chunks in `_fine_known` (memory only): see the class doc.
+        self._fine = bytearray()
+        self._fine_known = DirtyMap(disk.size, chunk)
 
     # -- the Tracker interface -------------------------------------------------------
 
@@ -115,22 +136,26 @@ class ScanTracker:
         else:
             self._committed, self._uncertain = loaded
         self._baseline = bytearray(self._committed)
+        self._fine = bytearray(-(-self.disk.size // self.fine) * _FINE_SIZE)
+        self._fine_known = DirtyMap(self.disk.size, self.chunk)
         if self._uncertain:
             self._scan(self._uncertain.runs(), None)
+        self._learn_fine(_gaps(self._uncertain.runs(), self.nchunks))
         self._resync = self._uncertain.copy() if self._uncertain else None
         self._started = True
 
     def drain(self) -> DirtyMap:
-        """Scan the whole disk; the chunks that changed since the previous scan.
+        """Scan the whole disk; the `fine` blocks that changed since the previous scan.
 
         Raises DeviceGone / DeviceResized (from `discovery.refresh` or a short read).
         """
         self._require_started()
         self.disk = refresh(self.disk, self.sys_root)
-        changed = DirtyMap(self.disk.size, self.chunk)
+        changed = DirtyMap(self.disk.size, self.fine)
         self._scan([(0, self.nchunks)], changed)
         if changed:
-            self._uncertain.merge(changed)
+            for offset, length in changed.extents():
+                self._uncertain.mark(offset, length)
             self._persist()
         return changed
 
@@ -182,18 +207,78 @@ class ScanTracker:
             raise RuntimeError("ScanTracker used before start() or after stop()")
 
     def _scan(self, runs: Iterable[tuple[int, int]], changed: DirtyMap | None) -> None:
-        """Digest `runs` of chunks into the baseline; mark those that moved in `changed`."""
-        baseline = self._baseline
+        """Digest `runs` of chunks into the baseline; mark the fine blocks that moved in
+        `changed` (None: the baseline scan of `start`)."""
+        baseline, chunk = self._baseline, self.chunk
         with DeviceReader(self.disk.path, self.disk.size, self.read_size) as reader:
-            for first, digests in reader.digests(runs, self.chunk):
+            for first, digests, data in reader.scan(runs, chunk):
                 at = first * DIGEST_SIZE
                 end = at + len(digests)
+                if changed is None:  # the baseline is what the disk holds now: so are these
+                    self._store_fine(first, data, digests, digests)
                 # Fast path: a whole read (64 chunks by default) unchanged is one compare.
-                if changed is not None and baseline[at:end] != digests:
+                elif baseline[at:end] != digests:
                     for k in range(0, len(digests), DIGEST_SIZE):
                         if baseline[at + k : at + k + DIGEST_SIZE] != digests[k : k + DIGEST_SIZE]:
-                            changed.mark_chunk(first + k // DIGEST_SIZE)
+                            offset = k // DIGEST_SIZE * chunk
+                            self._closer(first + k // DIGEST_SIZE,
+                                         data[offset : offset + chunk], changed)  # fmt: skip
                 baseline[at:end] = digests
+
+    def _learn_fine(self, runs: Iterable[tuple[int, int]]) -> None:
+        """Read `runs` of chunks (those `start` did not scan) for the fine digests of
+        every chunk that holds its baseline now (not one written while no agent ran:
+        that one is reported whole), so that the first change of a chunk is reported
+        at `fine` granularity too."""
+        if self.fine == self.chunk:
+            return
+        baseline = self._baseline
+        with DeviceReader(self.disk.path, self.disk.size, self.read_size) as reader:
+            for first, digests, data in reader.scan(runs, self.chunk):
+                at = first * DIGEST_SIZE
+                self._store_fine(first, data, digests, baseline[at : at + len(digests)])
+
+    def _store_fine(
+        self, first: int, data: memoryview, digests: bytes, baseline: bytes | bytearray
+    ) -> None:
+        """Fine digests of a read from chunk `first` on; known for the chunks whose
+        digest (in `digests`) equals their `baseline` one."""
+        if self.fine == self.chunk:
+            return
+        digest, chunk, fine = xxhash.xxh3_64_digest, self.chunk, self.fine
+        at = first * chunk // fine * _FINE_SIZE
+        new = b"".join([digest(data[k : k + fine]) for k in range(0, len(data), fine)])
+        self._fine[at : at + len(new)] = new
+        if digests == baseline:
+            self._fine_known.mark(first * chunk, len(data))
+            return
+        for k in range(0, len(digests), DIGEST_SIZE):
+            if digests[k : k + DIGEST_SIZE] == baseline[k : k + DIGEST_SIZE]:
+                self._fine_known.mark_chunk(first + k // DIGEST_SIZE)
+
+    def _closer(self, index: int, data: memoryview, changed: DirtyMap) -> None:
+        """Chunk `index` moved: mark its fine blocks that did (all of them when its fine
+        digests are unknown) and keep their new digests."""
+        fine = self.fine
+        if fine == self.chunk:
+            changed.mark_chunk(index)
+            return
+        digest = xxhash.xxh3_64_digest
+        new = b"".join([digest(data[at : at + fine]) for at in range(0, len(data), fine)])
+        first = index * self.chunk // fine
+        at, end = first * _FINE_SIZE, first * _FINE_SIZE + len(new)
+        if index not in self._fine_known:
+            changed.mark(index * self.chunk, len(data))
+            self._fine_known.mark_chunk(index)
+        else:
+            old, moved = self._fine, False
+            for k in range(0, len(new), _FINE_SIZE):
+                if old[at + k : at + k + _FINE_SIZE] != new[k : k + _FINE_SIZE]:
+                    changed.mark_chunk(first + k // _FINE_SIZE)
+                    moved = True
+            if not moved:  # the 8-byte digests collided where the 16-byte one did not
+                changed.mark(index * self.chunk, len(data))
+        self._fine[at:end] = new
 
     def _identity(self) -> tuple[int, int, int, int, int, int]:
         return (
@@ -250,6 +335,17 @@ class ScanTracker:
         except ValueError as exc:
             raise StateCorrupt(path, f"uncertain bitmap: {exc}") from exc
         return bytearray(data[_HEADER.size : digests_end]), uncertain
+
+
+def _gaps(runs: Iterable[tuple[int, int]], n: int) -> Iterator[tuple[int, int]]:
+    """The runs [first, end) of 0..n not in the ascending `runs`."""
+    previous = 0
+    for first, end in runs:
+        if first > previous:
+            yield previous, first
+        previous = end
+    if previous < n:
+        yield previous, n
 
 
 if TYPE_CHECKING:

@@ -353,6 +353,10 @@ def materialize(state_dir: Path, point: str, out: Path) -> list[Path]:
     result = _rpc(lab, lab.target_port, "materialize",
                   machine_id=lab.machine_id, tag_id=point, name=suffix)  # fmt: skip
     names = {f"{lab.machine_id}-{Path(d.device).name}": d.name for d in lab.disks}
+    # A disk id follows the image, not the loop device's name (agent.disk_ids): ask
+    # the agent which id each device has.
+    agent = read_agent_status(Path(lab.state_dir) / "agent")
+    names |= {k: d.name for d in lab.disks for k, s in agent.items() if s.get("device") == d.device}
     made = []
     for descriptor in map(Path, result["vmdks"]):
         flat = descriptor.with_name(descriptor.stem + "-flat.vmdk")

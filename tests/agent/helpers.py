@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 from agent.digest import DeviceReader, chunk_digest
 from agent.discovery import Disk, discover
-from agent.trackers import CHUNK
+from agent.trackers import CHUNK, DirtyMap
 
 
 def find(device: Path) -> Disk:
@@ -29,6 +30,18 @@ def chunk_diff(before: bytes, after: bytes, chunk: int = CHUNK) -> set[int]:
         for i in range(0, len(before), chunk)
         if before[i : i + chunk] != after[i : i + chunk]
     }
+
+
+def chunks_at(dirty: DirtyMap, chunk: int = CHUNK) -> set[int]:
+    """The `chunk`-sized chunks a map of any granularity touches."""
+    return chunks_in(dirty.extents(), chunk)
+
+
+def chunks_in(extents: Iterable[tuple[int, int]], chunk: int = CHUNK) -> set[int]:
+    found: set[int] = set()
+    for offset, length in extents:
+        found.update(range(offset // chunk, -(-(offset + length) // chunk)))
+    return found
 
 
 def digests_of(image: bytes, chunk: int = CHUNK) -> dict[int, bytes]:

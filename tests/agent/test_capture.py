@@ -12,7 +12,7 @@ import pytest
 
 from agent.capture import Capture, Untagged, capture_consistent
 from agent.discovery import Disk
-from agent.trackers import CHUNK, DirtyMap
+from agent.trackers import DirtyMap
 from agent.trackers.tracefs import TracefsTracker
 from tests.agent.helpers import find
 from tests.agent.tracking import chunks_of, ensure_thawed, file_extents, read_direct, slow_reader
@@ -75,7 +75,7 @@ def test_extents_applied_on_the_last_point_give_the_frozen_device(
             assert data == frozen[-1][offset : offset + len(data)]
             replica[offset : offset + len(data)] = data
         assert replica == frozen[-1], f"round {round_}: the point is not the frozen device"
-        written = chunks_of(file_extents(mnt / f"r{round_}-5"), CHUNK)
+        written = chunks_of(file_extents(mnt / f"r{round_}-5"), tracker.chunk)
         assert written <= set(point.dirty.chunks())
 
 
@@ -89,7 +89,7 @@ def test_over_budget_gives_up_and_hands_back_the_drained_set(
     result = capture_consistent(tracker, fd, [mnt], timeout=5.0, budget=1 << 20)
     assert isinstance(result, Untagged)
     assert "budget" in result.reason and result.resync is None
-    assert chunks_of(file_extents(mnt / "big"), CHUNK) <= set(result.dirty.chunks())
+    assert chunks_of(file_extents(mnt / "big"), tracker.chunk) <= set(result.dirty.chunks())
     assert result.freeze_seconds is not None and result.freeze_seconds < 5.0
 
 

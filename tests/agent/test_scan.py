@@ -19,7 +19,15 @@ from agent.resync import compare
 from agent.trackers import CHUNK, DirtyMap
 from agent.trackers.scan import ScanTracker
 from appliance.checksum import crc32c
-from tests.agent.helpers import chunk_diff, digests_of, find, read_all, write_file
+from tests.agent.helpers import (
+    chunk_diff,
+    chunks_at,
+    chunks_in,
+    digests_of,
+    find,
+    read_all,
+    write_file,
+)
 from tests.loopfs import loop_ext4
 
 pytestmark = pytest.mark.root
@@ -57,10 +65,10 @@ def test_drain_reports_written_chunks_and_nothing_when_idle(
     dirty = tracker.drain()
     changed = chunk_diff(before, after)
     assert len(changed) >= (3 << 20) // CHUNK
-    assert changed <= set(dirty.chunks())
+    assert changed <= chunks_at(dirty)
     assert not tracker.drain()  # drained: reset
     # Reported, not yet acknowledged: uncertain, and persisted as such.
-    assert set(tracker.uncertain.chunks()) == set(dirty.chunks())
+    assert set(tracker.uncertain.chunks()) == chunks_at(dirty)
 
 
 def test_commit_clears_only_what_the_replica_now_holds(
@@ -73,9 +81,9 @@ def test_commit_clears_only_what_the_replica_now_holds(
     now = digests_of(read_all(disk.path, disk.size))
     old = digests_of(before)
     # An acknowledgement of older contents (sent before the change) clears nothing.
-    tracker.commit({i: old[i] for i in dirty.chunks()})
-    assert tracker.uncertain == dirty
-    tracker.commit({i: now[i] for i in dirty.chunks()})
+    tracker.commit({i: old[i] for i in chunks_at(dirty)})
+    assert set(tracker.uncertain.chunks()) == chunks_at(dirty)
+    tracker.commit({i: now[i] for i in chunks_at(dirty)})
     assert not tracker.uncertain
     with pytest.raises(ValueError):
         tracker.commit({0: b"short"})
@@ -91,7 +99,7 @@ def test_digests_survive_a_restart(fs: tuple[Disk, Path], tmp_path: Path) -> Non
     second = ScanTracker(disk, state)
     second.start()
     assert second.needs_resync() is None  # every chunk's replica digest is known
-    assert chunk_diff(before, after) <= set(second.drain().chunks())
+    assert chunk_diff(before, after) <= chunks_at(second.drain())
     assert not second.drain()
 
 
@@ -112,7 +120,7 @@ from appliance.checksum import crc32c
 disk = next(d for d in discover() if str(d.path) == {str(disk.path)!r})
 tracker = ScanTracker(disk, Path({str(state)!r}))
 tracker.start()
-print(json.dumps(list(tracker.drain().chunks())), flush=True)
+print(json.dumps(list(tracker.drain().extents())), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
     run = subprocess.run(
@@ -124,7 +132,7 @@ os.kill(os.getpid(), signal.SIGKILL)
         check=False,
     )
     assert run.returncode == -9, run.stderr
-    reported = set(json.loads(run.stdout))
+    reported = chunks_in(json.loads(run.stdout))
     changed = chunk_diff(before, after)
     assert changed <= reported
     # The master target may or may not hold them: they come back as a checksum resync,
@@ -163,7 +171,7 @@ def test_crash_before_the_drain_is_persisted_reports_again(
     restarted = ScanTracker(disk, state)
     restarted.start()
     assert restarted.needs_resync() is None
-    assert chunk_diff(before, after) <= set(restarted.drain().chunks())
+    assert chunk_diff(before, after) <= chunks_at(restarted.drain())
 
 
 def header_fields(path: Path) -> list[int | bytes]:

@@ -70,12 +70,12 @@ def test_written_file_blocks_are_exactly_the_dirty_data_chunks(
     for name, size in files.items():
         write(mnt / name, size)
     dirty = set(tracker.drain().chunks())
-    data = set().union(*(chunks_of(file_extents(mnt / name), CHUNK) for name in files))
-    assert len(data) >= (3 << 20) // CHUNK
+    data = set().union(*(chunks_of(file_extents(mnt / name), tracker.chunk) for name in files))
+    assert len(data) >= (3 << 20) // tracker.chunk
     assert data <= dirty
     # The rest is filesystem metadata (journal, inode table, bitmaps, directory): a
     # handful of chunks, not a stray region of the disk.
-    assert len(dirty - data) <= 8, sorted(dirty - data)
+    assert len(dirty - data) * tracker.chunk <= 8 * CHUNK, sorted(dirty - data)
     stats = tracker.stats()
     assert stats.events > 0 and stats.unparsed == stats.lost_lines == stats.lost_counters == 0
     assert tracker.needs_resync() is None
@@ -97,7 +97,7 @@ def test_queue_and_completion_both_mark(fs: tuple[Disk, Path], tracker: TracefsT
     finally:
         os.close(fd)
     dirty = set(tracker.drain().chunks())
-    written = {device_offset(mnt / "f", i * CHUNK) // CHUNK for i in range(16)}
+    written = {device_offset(mnt / "f", i * CHUNK) // tracker.chunk for i in range(16)}
     assert written <= dirty
     assert tracker.stats().events - before >= 2 * 16
 
@@ -117,7 +117,7 @@ def test_barrier_after_fifreeze_returns_every_write_before_it(
         write(mnt / name, 200_000, fsync=False)
     with freeze([mnt], timeout=10.0):
         dirty = set(tracker.drain(barrier=barrier).chunks())
-        expected = set().union(*(chunks_of(file_extents(mnt / n), CHUNK) for n in names))
+        expected = set().union(*(chunks_of(file_extents(mnt / n), tracker.chunk) for n in names))
     assert len(expected) >= 40
     if barrier:
         assert expected <= dirty
@@ -271,7 +271,7 @@ def test_partition_writes_map_to_whole_disk_offsets(tmp_path: Path) -> None:
             write(mnt / "x", 300_000)
             dirty = set(tracker.drain().chunks())
             on_disk = [(start + offset, length) for offset, length in file_extents(mnt / "x")]
-            assert chunks_of(on_disk, CHUNK) <= dirty
+            assert chunks_of(on_disk, tracker.chunk) <= dirty
     finally:
         if mounted:
             subprocess.run(["umount", str(mnt)], check=True)

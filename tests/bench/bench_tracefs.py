@@ -144,7 +144,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "tracker_cpu_share_of_one_core": round((cpu1 - cpu0) / wall, 4),
         "lost": stats.lost_counters + stats.lost_lines,
         "captures": len(freezes),
-        "chunk": args.chunk,
+        "chunk": tracker.chunk,
         "dirty_mib_per_s": round(statistics.median(one_second) / MIB, 1) if one_second else None,
         "lead_s": args.lead,
         "untagged": untagged,
@@ -160,7 +160,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--mib", type=int, default=1024, help="filesystem size")
     parser.add_argument("--captures", type=int, default=10)
-    parser.add_argument("--chunk", type=int, default=64 << 10, help="tracking granularity")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="tracking granularity (default: the agent's, 4 KiB)")  # fmt: skip
     parser.add_argument(
         "--lead", type=float, default=0.1, help="seconds between the last drain and the freeze"
     )
