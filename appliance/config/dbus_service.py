@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import dbus
 import dbus.bus
@@ -29,6 +29,7 @@ from appliance.config.api import (
     Summary,
 )
 from appliance.config.errors import ConfigServerError, InvalidArgument
+from appliance.config.groups import GroupApi
 from appliance.dbus.bridge import (
     CallBridge,
     ErrorReply,
@@ -226,6 +227,22 @@ class Config1(ContractObject):
     def ListVCenters(self, reply: Reply, error: ErrorReply) -> None:
         self._submit(reply, error, self._api.vcenter_list, _records)
 
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="aa{sv}", **_ASYNC)
+    def ListVMs(self, vcenter: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._api.vms(_name(vcenter, "vCenter"))  # noqa: E731
+        self._submit(reply, error, work, _records)
+
+    @dbus.service.method(INTERFACE, in_signature="sssa{sv}", out_signature="a{sv}", **_ASYNC)
+    def ProtectVM(  # noqa: PLR0917 - D-Bus arguments are positional
+        self, vm: str, source: str, replica_vcenter: str, options: dict[Any, Any],
+        reply: Reply, error: ErrorReply,
+    ) -> None:  # fmt: skip
+        work = lambda: self._api.protect_vm(  # noqa: E731
+            _name(vm, "VM"), _name(source, "vCenter"), _name(replica_vcenter, "vCenter"),
+            _settings(options),
+        )  # fmt: skip
+        self._submit(reply, error, work, _record)
+
     @dbus.service.method(INTERFACE, in_signature="ssa{sv}", out_signature="s", **_ASYNC)
     def TestFailover(
         self, machine: str, point: str, network_map: dict[Any, Any], reply: Reply,
@@ -298,6 +315,31 @@ class Config1(ContractObject):
         )
         self._submit(reply, error, work, _job)
 
+    # -- consistency groups (appliance.config.groups) -----------------------------------
+
+    @property
+    def _groups(self) -> GroupApi:
+        return cast(GroupApi, self._api)  # ConfigService implements both
+
+    @dbus.service.method(INTERFACE, in_signature="", out_signature="aa{sv}", **_ASYNC)
+    def ListGroups(self, reply: Reply, error: ErrorReply) -> None:
+        self._submit(reply, error, self._groups.groups, _records)
+
+    @dbus.service.method(INTERFACE, in_signature="sa{sv}", out_signature="a{sv}", **_ASYNC)
+    def SetGroup(self, name: str, options: dict[Any, Any], reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._groups.set_group(_name(name, "group"), _settings(options))  # noqa: E731
+        self._submit(reply, error, work, _record)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="", **_ASYNC)
+    def DeleteGroup(self, name: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._groups.delete_group(_name(name, "group"))  # noqa: E731
+        self._submit(reply, error, work, _none)
+
+    @dbus.service.method(INTERFACE, in_signature="s", out_signature="a{sv}", **_ASYNC)
+    def GroupTag(self, name: str, reply: Reply, error: ErrorReply) -> None:
+        work = lambda: self._groups.group_tag(_name(name, "group"))  # noqa: E731
+        self._submit(reply, error, work, _record)
+
     # -- root only (units/dbus-1/system.d/org.secondsite.Config1.conf) --------------
 
     @dbus.service.method(INTERFACE, in_signature="ssssss", out_signature="a{sv}", **_ASYNC)
@@ -311,11 +353,27 @@ class Config1(ContractObject):
         )  # fmt: skip
         self._submit(reply, error, work, _record)
 
+    @dbus.service.method(INTERFACE, in_signature="sss", out_signature="a{sv}", **_ASYNC)
+    def SetVCenterCredentials(
+        self, name: str, user: str, password: str, reply: Reply, error: ErrorReply
+    ) -> None:
+        work = lambda: self._api.set_vcenter_credentials(  # noqa: E731
+            _name(name, "name"), user=_name(user, "user"), password=password
+        )
+        self._submit(reply, error, work, _record)
+
     @dbus.service.method(INTERFACE, in_signature="sa{sv}", out_signature="s", **_ASYNC)
     def PushInstall(
         self, host: str, options: dict[Any, Any], reply: Reply, error: ErrorReply
     ) -> None:
         work = lambda: self._api.push_install(_name(host, "host"), _settings(options))  # noqa: E731
+        self._submit(reply, error, work, _job)
+
+    @dbus.service.method(INTERFACE, in_signature="sa{sv}", out_signature="s", **_ASYNC)
+    def PushUninstall(
+        self, host: str, options: dict[Any, Any], reply: Reply, error: ErrorReply
+    ) -> None:
+        work = lambda: self._api.push_uninstall(_name(host, "host"), _settings(options))  # noqa: E731
         self._submit(reply, error, work, _job)
 
     @dbus.service.method(INTERFACE, in_signature="", out_signature="a{sv}", **_ASYNC)

@@ -31,6 +31,7 @@ from appliance.config.failover_base import (
     undoing,
 )
 from appliance.config.jobs import JobContext, JobFailed, Step
+from appliance.config.targets import RemoteRefused
 from appliance.vsphere import network
 
 
@@ -96,8 +97,11 @@ async def _materialize(ctx: JobContext, ops: FailoverOps) -> bool:
         vmdks = [str(p) for p in answer["vmdks"]]
     except ConfigServerError as exc:
         if " already exists" not in exc.message:
-            record_result(ctx, copy=None)  # the target removes a failed copy itself
-            raise JobFailed(exc.message) from None
+            if isinstance(exc, RemoteRefused):  # it answered: it removed the partial copy
+                record_result(ctx, copy=None)
+            # Otherwise (no answer) the target may still make the copy: it stays
+            # recorded, for the undo and a later cleanup to discard.
+            raise JobFailed(_materialize_failure(exc)) from None
         # An earlier run of this step got as far as the target's answer; the names are
         # this job's own, and the target never leaves a partial copy behind an error.
         vmdks = [f"{settings.target_dir}/{d}{suffix}.vmdk" for d in point["disks"]]
@@ -107,6 +111,16 @@ async def _materialize(ctx: JobContext, ops: FailoverOps) -> bool:
         raise JobFailed(exc.message) from None
     record_result(ctx, vmdks=vmdks, disks=disks)
     return True
+
+
+def _materialize_failure(exc: ConfigServerError) -> str:
+    if isinstance(exc, RemoteRefused) and exc.detail.get("error") == "StorageFull":
+        return (
+            f"{exc.message}; free space in the master target's datastore directory (a "
+            "drill's copy needs room for the data of every disk), then run the test "
+            "failover again"
+        )
+    return exc.message
 
 
 async def _isolate(ctx: JobContext, ops: FailoverOps) -> bool:

@@ -19,13 +19,14 @@ before it reports the error.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
 from appliance.config import drill
 from appliance.config.errors import InvalidArgument
 from appliance.config.failover_base import (
+    LIVENESS,
     FailoverOps,
     FailoverState,
     create_vm,
@@ -46,6 +47,7 @@ from appliance.config.failover_base import (
 )
 from appliance.config.jobs import Definitions, JobContext, JobFailed, Step
 from appliance.config.model import JobKind, MachineState
+from appliance.config.targets import TargetCall
 from appliance.config.vcenters import VCenterStore
 from appliance.vsphere.session import Session
 
@@ -64,16 +66,23 @@ class ServiceOps:
 
     def __init__(
         self,
-        target_call: Callable[[str, str, dict[str, Any]], Awaitable[Any]],
+        target_call: TargetCall,
         vcenters: VCenterStore,
         agent_alive: Callable[[str], bool],
+        *,
+        liveness: float = LIVENESS,
     ) -> None:
         self._target_call = target_call
         self._vcenters = vcenters
         self._agent_alive = agent_alive
+        self.liveness = liveness
 
-    async def target_call(self, address: str, method: str, params: dict[str, Any]) -> Any:
-        return await self._target_call(address, method, params)
+    async def target_call(
+        self, address: str, method: str, params: dict[str, Any], *, timeout: float | None = None
+    ) -> Any:
+        if timeout is None:
+            return await self._target_call(address, method, params)
+        return await self._target_call(address, method, params, timeout=timeout)
 
     def vsphere(self, vcenter: str) -> Session:
         return self._vcenters.open_session(vcenter)

@@ -19,8 +19,18 @@ from appliance.config.errors import ConfigServerError, InvalidArgument
 from appliance.config.jobs import JobContext, JobFailed, StepFn
 from appliance.config.model import MachineState
 from appliance.config.replica import ReplicaSettings, pick_point
+from appliance.config.targets import PING
 from appliance.vsphere import network, vms
-from appliance.vsphere.errors import NotFound, NotOurs, VSphereError
+from appliance.vsphere.customize import customize
+from appliance.vsphere.errors import (
+    BadCredentials,
+    DatastoreFull,
+    NameTaken,
+    NotFound,
+    NotOurs,
+    Unreachable,
+    VSphereError,
+)
 from appliance.vsphere.hardware import Firmware
 from appliance.vsphere.session import Session
 
@@ -35,10 +45,28 @@ class FailoverState(StrEnum):
     COMMITTED = "committed"
 
 
+# Control RPCs whose time grows with the disks: a copy of every disk (materialize),
+# undoing the journal back to a point (rollback, bounded by the disks' size).
+LONG_RPCS = frozenset({"materialize", "rollback"})
+LONG_FLOOR = 600.0  # seconds any long RPC is allowed, however small the disks
+SLOWEST_RATE = 4 << 20  # bytes/s: the slowest datastore such an RPC may crawl at
+LIVENESS = 10.0  # seconds between pings of the target during a long RPC
+
+
+def long_timeout(size: int) -> float:
+    """How long a long RPC over disks of `size` bytes in all may take (2 TiB: ~6 days;
+    the pings, not this, notice a target that is gone)."""
+    return LONG_FLOOR + size / SLOWEST_RATE
+
+
 class FailoverOps(Protocol):
     """What the failover jobs need from the configuration server."""
 
-    async def target_call(self, address: str, method: str, params: dict[str, Any]) -> Any: ...
+    liveness: float  # seconds between pings of the target during a long RPC
+
+    async def target_call(
+        self, address: str, method: str, params: dict[str, Any], *, timeout: float | None = None
+    ) -> Any: ...
 
     def vsphere(self, vcenter: str) -> Session:
         """A logged-in session (blocking; the jobs call it in a worker thread)."""
@@ -120,7 +148,38 @@ async def target(ctx: JobContext, ops: FailoverOps, method: str, **params: Any) 
     if not machine["master_target"]:
         raise JobFailed(f"{ctx.subject} has no master target; protect it first")
     address = ctx.inventory.server(machine["master_target"])["address"]
+    if method in LONG_RPCS:
+        size = sum(int(d["size_bytes"]) for d in ctx.inventory.disks(ctx.subject))
+        return await long_call(ops, address, method, params, size)
     return await ops.target_call(address, method, params)
+
+
+async def long_call(
+    ops: FailoverOps, address: str, method: str, params: dict[str, Any], size: int
+) -> Any:
+    """A control RPC that may take hours on multi-TB disks: allowed `long_timeout(size)`
+    rather than the client's default, while the target is pinged every `ops.liveness`
+    seconds on another connection (answered by its event loop, not a control thread
+    that another long call may hold), so a target that stops answering (host gone,
+    network cut) fails the call within seconds, not days."""
+    call = asyncio.ensure_future(
+        ops.target_call(address, method, params, timeout=long_timeout(size))
+    )
+    try:
+        while True:
+            await asyncio.wait({call}, timeout=ops.liveness)
+            if call.done():
+                return call.result()
+            try:
+                await ops.target_call(address, PING, {})
+            except ConfigServerError as exc:
+                raise ConfigServerError(
+                    f"the master target stopped answering during {method} ({exc.message}); "
+                    "check it is running and reachable, then run the job again"
+                ) from None
+    finally:
+        if not call.done():
+            call.cancel()  # the target may still finish; a re-run finds what it made
 
 
 async def target_or_fail(ctx: JobContext, ops: FailoverOps, method: str, **params: Any) -> Any:
@@ -175,9 +234,29 @@ async def in_vcenter(
     try:
         return await asyncio.to_thread(run)
     except VSphereError as exc:
-        raise JobFailed(f"vCenter {settings.vcenter}: {action}: {exc}") from None
+        raise JobFailed(vsphere_failure(settings.vcenter, action, exc)) from None
     except ConfigServerError as exc:  # unknown vCenter, missing or unreadable credentials
         raise JobFailed(exc.message) from None
+
+
+def vsphere_failure(vcenter: str, action: str, exc: VSphereError) -> str:
+    """The job error for `exc`: what happened, and what the operator can do about it."""
+    if isinstance(exc, Unreachable):
+        return (
+            f"vCenter {vcenter} does not answer ({exc}); check that it is up and "
+            "reachable from this server, then run the job again"
+        )
+    if isinstance(exc, BadCredentials):
+        return (
+            f"vCenter {vcenter} refused the user name or password ({exc}); if they were "
+            f"changed, store the new ones with 'secondsitectl vcenter-credentials {vcenter}'"
+        )
+    if isinstance(exc, DatastoreFull):
+        return (
+            f"vCenter {vcenter}: {action}: {exc}; free space on the datastore or name "
+            "another one in the replica settings, then run the job again"
+        )
+    return f"vCenter {vcenter}: {action}: {exc}"
 
 
 async def pick(ctx: JobContext, ops: FailoverOps) -> dict[str, Any]:
@@ -201,7 +280,12 @@ def preflight(
     if isolate:
         assert settings.compute is not None  # checked by the caller
         network.target_hosts(session, settings.compute)
-    vms.find_vm(session, name, owner)  # NameTaken if somebody else's VM has the name
+    try:
+        vms.find_vm(session, name, owner)
+    except NameTaken as exc:
+        raise NameTaken(
+            f"{exc}; rename or remove it, or set vm_name in the replica settings"
+        ) from None
 
 
 async def drop_vm(ctx: JobContext, ops: FailoverOps, made: dict[str, Any]) -> bool:
@@ -251,9 +335,17 @@ async def create_vm(ctx: JobContext, ops: FailoverOps, *, test: bool) -> bool:
         )
     except ValueError as exc:
         raise JobFailed(f"cannot create the VM for {ctx.subject}: {exc}") from None
-    moid = await in_vcenter(
-        ops, settings, f"create VM {spec.name}", lambda s: str(vms.ensure_vm(s, spec)._moId)
-    )
+    # Re-IP (failover only; a drill is isolated): queued on the VM while it is off.
+    hostname = str(ctx.inventory.machine(ctx.subject)["hostname"])
+    custom = None if test else settings.customization(hostname)
+
+    def create(session: Session) -> str:
+        vm = vms.ensure_vm(session, spec)
+        if custom is not None:
+            customize(vm, custom)  # nothing when already pending or on (a re-run)
+        return str(vm._moId)
+
+    moid = await in_vcenter(ops, settings, f"create VM {spec.name}", create)
     record_result(ctx, vm_moid=moid)
     return True
 

@@ -522,6 +522,21 @@ class Inventory:
     def groups(self) -> list[Record]:
         return col.records(self._conn.execute("SELECT * FROM groups ORDER BY name"))
 
+    def set_group_interval(self, name: str, interval_s: float) -> None:
+        """How often the group's members take a common point (seconds)."""
+        value = col.positive("group interval", interval_s)
+        cur = self._conn.execute("UPDATE groups SET interval_s = ? WHERE name = ?", (value, name))
+        if cur.rowcount == 0:
+            raise NotFound(f"no group named {name!r}")
+
+    def delete_group(self, name: str) -> None:
+        """Forget a group; its members leave it (their points stay)."""
+        with self.transaction():
+            self._require("groups", "group", name)
+            self._conn.execute("UPDATE machines SET group_name = NULL WHERE group_name = ?",
+                               (name,))  # fmt: skip
+            self._conn.execute("DELETE FROM groups WHERE name = ?", (name,))
+
     def set_plan(self, name: str, spec: dict[str, Any]) -> Record:
         values = (col.name("plan name", name), col.json_text("plan spec", spec))
         self._conn.execute(

@@ -200,7 +200,12 @@ ALTER TABLE machines ADD COLUMN failback_done INTEGER NOT NULL DEFAULT 0
 ALTER TABLE machines ADD COLUMN failback_result TEXT;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+# Consistency groups: how often their members take a common point (groups.py).
+_V4 = """
+ALTER TABLE groups ADD COLUMN interval_s REAL NOT NULL DEFAULT 300 CHECK (interval_s > 0);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
 
 
 class SchemaTooNew(ConfigServerError):

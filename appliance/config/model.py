@@ -43,6 +43,7 @@ class JobKind(StrEnum):
     CANCEL = "cancel"  # a failover not yet committed
     FAILBACK = "failback"  # of a committed failover: the original machine is the target
     PUSH_INSTALL = "push-install"  # of the agent, by a process server over SSH
+    PUSH_UNINSTALL = "push-uninstall"
     PLAN_TEST_FAILOVER = "plan-test-failover"  # of a recovery plan's machines, in groups
     PLAN_CLEANUP = "plan-cleanup"
     PLAN_FAILOVER = "plan-failover"

@@ -14,9 +14,11 @@ the same plan even if the stored one changed meanwhile. The child job ids are re
 in the job's result, and every child carries its plan job's id in its params: a re-run
 of "group-N" finds the children it submitted before a crash instead of submitting again.
 
-The point of a plan is "latest" or a time: each machine gets its OWN newest usable point
-at or before that time. That is a common time, not a coordinated multi-machine
-consistency point; cross-machine consistency tags are not implemented.
+The point of a plan is a consistency group's common point (`groups`: the default when
+the plan's machines are all in one group, "latest-group"; resolved to the group's tag id
+when the job is submitted, so every machine fails over to the same instant), or
+"latest" or a time: each machine gets its OWN newest usable point at or before that
+time, a common time, not a coordinated multi-machine consistency point.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from appliance.config import groups
 from appliance.config.errors import ConfigServerError, InvalidArgument
 from appliance.config.failover_base import job_result, record_result
 from appliance.config.jobs import Definitions, JobContext, JobFailed, Step, StepFn
@@ -42,6 +45,10 @@ GROUP_KEYS = frozenset({"machines", "wait_s", "pre", "post"})
 
 #: Submits a per-machine job: (kind, machine, params) -> job id (`JobEngine.submit`).
 Submit = Callable[[JobKind, str, dict[str, Any]], str]
+
+#: Which of the machines lack a usable point (`groups.GroupEntryPoints.lacking_point`).
+Lacking = Callable[[list[str], str], Awaitable[list[str]]]
+GROUP_POINT_TIMEOUT = 120.0  # a planned failover's fresh group point must land by then
 
 #: The per-machine job each plan job runs for every machine of a group.
 CHILD_KIND = {
@@ -111,10 +118,13 @@ class PlanSpec:
 
 
 def plan_point(point: str) -> str | float:
-    """ "latest" or a time (Unix seconds, or ISO 8601, UTC unless it has an offset) as
-    Unix seconds: every machine gets its newest usable point at or before it."""
+    """ "latest", a consistency group's tag id (`groups.plan_group_point` resolved
+    "latest-group" to one), or a time (Unix seconds, or ISO 8601, UTC unless it has an
+    offset) as Unix seconds: every machine gets its newest usable point at or before it."""
     if not point or point == "latest":
         return "latest"
+    if groups.parse_tag(point) is not None:
+        return point
     with contextlib.suppress(ValueError):
         return float(point)
     try:
@@ -126,8 +136,10 @@ def plan_point(point: str) -> str | float:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
-def definitions(submit: Submit) -> Definitions:
-    """The plan jobs' steps. Params: {"plan", "spec", "point", "mode"}."""
+def definitions(submit: Submit, lacking: Lacking | None = None) -> Definitions:
+    """The plan jobs' steps. Params: {"plan", "spec", "point", "mode", "await_point"}:
+    with "await_point" (a planned failover asked its group for a fresh point) a first
+    step "group-point" waits until every machine has that point."""
 
     def steps(kind: JobKind) -> Callable[[dict[str, Any]], list[Step]]:
         def make(params: dict[str, Any]) -> list[Step]:
@@ -136,6 +148,9 @@ def definitions(submit: Submit) -> Definitions:
                 # Cleanup removes the drill's VMs in reverse boot order, without scripts.
                 return [Step(f"group-{n}", _group(submit, kind, n, g)) for n, g in groups[::-1]]
             out: list[Step] = []
+            if lacking is not None and params.get("await_point"):
+                machines = [m for _, g in groups for m in g.machines]
+                out.append(Step("group-point", _await_point(lacking, machines)))
             for n, g in groups:
                 if g.pre:
                     out.append(Step(f"pre-{n}", _script(g.pre, "pre", n, g)))
@@ -247,6 +262,26 @@ def _script(command: str, which: str, n: int, group: Group) -> StepFn:
                 + (f": {tail}" if tail else "")
             )
         return True
+
+    return run
+
+
+def _await_point(lacking: Lacking, machines: list[str]) -> StepFn:
+    async def run(ctx: JobContext) -> bool:
+        tag = str(ctx.params["point"])
+        until = job_result(ctx).get("point_until")
+        if until is None:  # stored: a restart does not start the wait over
+            until = ctx.clock() + GROUP_POINT_TIMEOUT
+            record_result(ctx, point_until=until)
+        missing = await lacking(machines, tag)
+        if missing and ctx.clock() >= until:
+            raise JobFailed(
+                f"the group point {tag} did not reach {', '.join(missing)} within "
+                f"{GROUP_POINT_TIMEOUT:.0f} s (a member down, or its freeze overran: see "
+                "the events); fail over to the newest common point with --unplanned"
+            )
+        ctx.progress(100 * (1 - len(missing) / len(machines)) if machines else 100)
+        return not missing
 
     return run
 

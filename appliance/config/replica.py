@@ -18,20 +18,30 @@ discovery reports them; datastores and port groups by name, as specs use them::
                                          #   network_map keys)
      "network_map": {"eth0": "VM Network"},  # NIC label or index -> port group
      "cpus": 2, "memory_mib": 4096, "firmware": "efi", "guest_id": "debian11_64Guest",
-     "vm_name": "web01"}                 # default: the machine name
+     "vm_name": "web01",                 # default: the machine name
+     "source": {"vcenter": "vc-prod", "vm": "web01", "moid": "vm-42",
+                "bios_uuid": "4201..."},  # the protected VM (protect_vm.py); optional
+     "reip": {"eth0": {"address": "10.9.0.5/24", "gateway": "10.9.0.1"}},
+     "dns_servers": ["10.9.0.53"], "dns_domain": "dr.example"}
+                                         # optional re-IP at failover (NIC label or
+                                         #   index -> IPv4/prefix; other NICs: DHCP)
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from appliance.config.errors import InvalidArgument
+from appliance.vsphere.customize import Customization, NicAddress
 
 _VM_NAME = re.compile(r"[^A-Za-z0-9 ._-]+")
+_HOST = re.compile(r"[^A-Za-z0-9-]+")
 
 
 class Firmware(StrEnum):
@@ -46,10 +56,12 @@ class PointChoice(StrEnum):
 
 _REQUIRED = ("vcenter", "datastore", "target_dir", "folder")
 _TEXT = ("vcenter", "datacenter", "datastore", "disk_datastore", "target_dir", "folder")
-_OPTIONAL_TEXT = ("resource_pool", "host", "cluster", "guest_id", "vm_name")
+_OPTIONAL_TEXT = ("resource_pool", "host", "cluster", "guest_id", "vm_name", "dns_domain")
 _KEYS = frozenset(
-    (*_TEXT, *_OPTIONAL_TEXT, "nics", "network_map", "cpus", "memory_mib", "firmware")
-)
+    (*_TEXT, *_OPTIONAL_TEXT, "nics", "network_map", "cpus", "memory_mib", "firmware", "source",
+     "reip", "dns_servers")
+)  # fmt: skip
+_SOURCE_KEYS = frozenset(("vcenter", "vm", "moid", "bios_uuid"))
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,10 @@ class ReplicaSettings:
     guest_id: str
     vm_name: str | None
     datacenter: str | None = None
+    source: dict[str, str] | None = None  # the protected VM, when protected by VM
+    reip: dict[str, NicAddress] = field(default_factory=dict)  # NIC label/index -> address
+    dns_servers: tuple[str, ...] = ()
+    dns_domain: str | None = None
 
     @classmethod
     def parse(cls, value: Any) -> ReplicaSettings:
@@ -106,6 +122,20 @@ class ReplicaSettings:
             )
         if not isinstance(nics, list) or not all(isinstance(n, str) and n for n in nics):
             raise bad("nics must be a list of NIC labels")
+        source = value.get("source")
+        if source is not None and not (
+            isinstance(source, dict)
+            and set(source) <= _SOURCE_KEYS
+            and all(isinstance(v, str) and len(v) <= 255 for v in source.values())
+        ):
+            raise bad(f"source must map {', '.join(sorted(_SOURCE_KEYS))} to strings")
+        reip = _reip(value.get("reip") or {}, bad)
+        known = {*nics, *(str(i) for i in range(len(nics)))}
+        if stray := sorted(set(reip) - known):
+            raise bad(f"reip names no NIC of nics: {', '.join(stray)}")
+        dns = value.get("dns_servers") or []
+        if not isinstance(dns, list) or not all(_is_ip(d) for d in dns):
+            raise bad("dns_servers must be a list of IP addresses")
         cpus, memory = value.get("cpus", 1), value.get("memory_mib", 1024)
         for key, number in (("cpus", cpus), ("memory_mib", memory)):
             if not isinstance(number, int) or isinstance(number, bool) or number < 1:
@@ -133,6 +163,10 @@ class ReplicaSettings:
             guest_id=value.get("guest_id") or "otherLinux64Guest",
             vm_name=value.get("vm_name"),
             datacenter=value.get("datacenter"),
+            source=dict(source) if source else None,
+            reip=reip,
+            dns_servers=tuple(dns),
+            dns_domain=value.get("dns_domain"),
         )
 
     @property
@@ -161,6 +195,38 @@ class ReplicaSettings:
                 if key in table:
                     return table[key]
         return None
+
+    def customization(self, hostname: str) -> Customization | None:
+        """The re-IP for the failover VM (None: none asked), NICs in order."""
+        if not self.reip:
+            return None
+        nics = tuple(
+            self.reip.get(label) or self.reip.get(str(i)) for i, label in enumerate(self.nics)
+        )
+        short = _HOST.sub("-", hostname.partition(".")[0]).strip("-")[:63] or "replica"
+        return Customization(short, self.dns_domain or "localdomain", nics, self.dns_servers)
+
+
+def _reip(value: Any, bad: Callable[[str], InvalidArgument]) -> dict[str, NicAddress]:
+    if not isinstance(value, dict):
+        raise bad("reip must map NIC labels or indexes to {address, gateway}")
+    out = {}
+    for nic, entry in value.items():
+        if not isinstance(entry, dict) or set(entry) - {"address", "gateway"}:
+            raise bad(f"reip.{nic} must be {{'address': 'A.B.C.D/N', 'gateway': 'A.B.C.D'}}")
+        try:
+            out[str(nic)] = NicAddress(str(entry.get("address")), entry.get("gateway"))
+        except ValueError as exc:
+            raise bad(f"reip.{nic}: {exc}") from None
+    return out
+
+
+def _is_ip(value: Any) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def check(what: str, value: Any) -> dict[str, Any]:

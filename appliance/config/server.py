@@ -56,6 +56,8 @@ class ConfigEndpoint:
             kind = self.service.check_certificate(conn.peer_serial)
             if method == "report":
                 return self.service.report(conn.peer, kind, params)
+            if method == "group_barrier":  # an agent, frozen, waits for its group
+                return await self.service.group_barrier(conn.peer, kind, params)
             raise InvalidRequest(f"unknown method {method!r}")
 
         return call

@@ -30,6 +30,7 @@ from appliance.config.errors import (
     NotAuthorised,
     NotFound,
 )
+from appliance.config.groups import GroupEntryPoints
 from appliance.config.inventory import Inventory
 from appliance.config.jobs import JobEngine, JobFailed
 from appliance.config.model import (
@@ -47,13 +48,13 @@ from appliance.config.reports import (
     parse_target_points,
 )
 from appliance.config.service_failover import FailoverEntryPoints
+from appliance.config.targets import TargetCall
 from appliance.config.validation import name as _name
 from appliance.config.vcenters import VCenterStore
 
 log = logging.getLogger(__name__)
 
 #: Calls a master target's control RPC: (address, method, params) -> result.
-TargetCall = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
 #: Calls a process server's control RPC: (address, method, params, timeout) -> result.
 PushCall = Callable[[str, str, dict[str, Any], float], Awaitable[Any]]
 
@@ -69,7 +70,7 @@ class ServiceSettings:
     address: str = ""  # HOST:PORT hosts enrol with (push installation's default)
 
 
-class ConfigService(FailoverEntryPoints):
+class ConfigService(GroupEntryPoints, FailoverEntryPoints):
     def __init__(
         self,
         inventory: Inventory,
@@ -101,12 +102,13 @@ class ConfigService(FailoverEntryPoints):
             ops = failover.ServiceOps(target_call, vcenters, self.agent_alive)
             definitions |= failover.definitions(ops)
             definitions |= failback.definitions(ops)
-            definitions |= plans.definitions(self._submit_child)
+            definitions |= plans.definitions(self._submit_child, self.lacking_point)
         self._push_call = push_call
-        self._push_keys: dict[str, str] = {}  # job id -> SSH key text: memory only, never stored
+        self._push_keys: dict[str, str] = {}  # job id -> credentials: memory only, never stored
         if push_call is not None:
             pushing = push.PushOps(self._push_place, push_call, self._push_passphrase,
-                                   self._take_push_key, settings.address)  # fmt: skip
+                                   self._take_push_key, settings.address,
+                                   self.revoke)  # fmt: skip
             definitions |= push.definitions(pushing)
         self.engine = JobEngine(inventory, definitions, self._emit, clock, poll=settings.job_poll)
 
@@ -254,6 +256,8 @@ class ConfigService(FailoverEntryPoints):
                     "generation": int(machine["failback_requested"]),
                     "target": target,
                 }
+        if (group := self.group_answer(machine)) is not None:
+            answer["group"] = group
         return answer
 
     def _process_report(self, name: str, params: dict[str, Any], now: float) -> Record:
@@ -582,6 +586,7 @@ class ConfigService(FailoverEntryPoints):
             "open_alerts": len(alerts),
             "alerts": alerts,
             "servers": await self.servers(),
+            "groups": self.group_status(),
             "jobs": [
                 j
                 for j in self.inventory.jobs(False)

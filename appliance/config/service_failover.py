@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from appliance.config import plans, push
+from appliance.config import plans, protect_vm, push
 from appliance.config.api import Record
 from appliance.config.errors import ConfigServerError, InvalidArgument
 from appliance.config.inventory import Inventory
@@ -23,7 +23,8 @@ from appliance.config.vcenters import Credentials, VCenterStore
 
 #: push_install's options: name -> (type, required).
 PUSH_OPTIONS: dict[str, tuple[type, bool]] = {
-    "key": (str, True), "disks": (list, True), "user": (str, False), "port": (int, False),
+    "key": (str, False), "password": (str, False),  # one of the two
+    "disks": (list, True), "user": (str, False), "port": (int, False),
     "machine": (str, False), "accept_fingerprint": (str, False), "server": (str, False),
     "prefix": (str, False), "start_without_systemd": (bool, False),  # these two: tests only
 }  # fmt: skip
@@ -40,6 +41,8 @@ class FailoverEntryPoints:
     _push_call: Callable[[str, str, dict[str, Any], float], Awaitable[Any]] | None
     _push_keys: dict[str, str]
     _clock: Callable[[], float]
+    plan_group_point: Callable[[list[str], str], Awaitable[str]]  # groups.GroupEntryPoints
+    fresh_group_point: Callable[[str], Awaitable[Record]]
 
     # -- failover family (appliance.config.failover, drill) ---------------------------
 
@@ -91,6 +94,46 @@ class FailoverEntryPoints:
                                  "registered", self._clock())  # fmt: skip
         return record
 
+    async def set_vcenter_credentials(self, name: str, *, user: str, password: str) -> Record:
+        """New credentials for a registered vCenter (its password was changed), checked
+        by logging in with them before they replace the stored ones."""
+        if self.vcenters is None:
+            raise ConfigServerError("vCenter support is not configured on this server")
+        _name(user, "user")
+        store = self.vcenters
+        await asyncio.to_thread(store.set_credentials, name, Credentials(user, password))
+        self.inventory.add_event("info", name, "vcenter", f"vCenter {name}: credentials "
+                                 f"changed (user {user})", self._clock())  # fmt: skip
+        return next(v for v in self.inventory.vcenters() if v["name"] == name)
+
+    async def vms(self, vcenter: str) -> list[Record]:
+        store = self._vcenter_store()
+        machines = self.inventory.machines()
+        return await asyncio.to_thread(protect_vm.list_vms, store, machines, vcenter)
+
+    async def protect_vm(
+        self, vm: str, source: str, replica_vcenter: str, options: Record
+    ) -> Record:
+        store = self._vcenter_store()
+        network_map = options.get("network_map") or {}
+        if not isinstance(network_map, dict):
+            raise InvalidArgument("network_map must map NICs or networks to port groups")
+        placement = {k: v for k, v in options.items() if k != "network_map"}
+        made: Record = await asyncio.to_thread(
+            protect_vm.protect_vm, store, self.inventory.machines(), vm, source=source,
+            replica_vcenter=replica_vcenter, placement=placement,
+            network_map={str(k): str(v) for k, v in network_map.items()},
+        )  # fmt: skip
+        self.inventory.update_machine(made["machine"], replica=made["replica"])
+        self.inventory.add_event("info", made["machine"], "replica", f"protected as VM "
+                                 f"{made['vm']} of vCenter {source}", self._clock())  # fmt: skip
+        return made
+
+    def _vcenter_store(self) -> VCenterStore:
+        if self.vcenters is None:
+            raise ConfigServerError("vCenter support is not configured on this server")
+        return self.vcenters
+
     async def cleanup(self, machine: str) -> str:
         return self._failover_job(JobKind.CLEANUP, machine, {})
 
@@ -130,8 +173,15 @@ class FailoverEntryPoints:
         params = {"plan": name, "spec": spec, **params}
         return self._failover_job(kind, plans.subject(name), params, is_machine=False)
 
+    async def _plan_point(self, name: str, point: str) -> str | float:
+        """ "latest-group" (the default for a plan of one consistency group's machines)
+        becomes the group's newest common point, checked now and fixed in the job."""
+        spec = self.inventory.plan(_name(name, "plan"))["spec"]
+        machines = [m for g in spec["groups"] for m in g["machines"]]
+        return plans.plan_point(await self.plan_group_point(machines, point))
+
     async def plan_test_failover(self, name: str, point: str) -> str:
-        point_ = plans.plan_point(point)
+        point_ = await self._plan_point(name, point)
         return self._plan_job(JobKind.PLAN_TEST_FAILOVER, name, {"point": point_})
 
     async def plan_cleanup(self, name: str) -> str:
@@ -140,7 +190,10 @@ class FailoverEntryPoints:
     async def plan_failover(self, name: str, point: str, mode: str) -> str:
         if mode not in ("planned", "unplanned"):
             raise InvalidArgument("mode must be planned or unplanned")
-        params = {"point": plans.plan_point(point), "mode": mode}
+        params: Record = {"point": await self._plan_point(name, point), "mode": mode}
+        if mode == "planned" and point in ("", "latest-group"):
+            # A planned failover of a group: a fresh group point, waited for by the job.
+            params |= await self.fresh_group_point(str(params["point"]))
         return self._plan_job(JobKind.PLAN_FAILOVER, name, params)
 
     async def push_install(self, host: str, options: Record) -> str:
@@ -158,9 +211,31 @@ class FailoverEntryPoints:
                 raise InvalidArgument(f"option {key} must be {kind.__name__}")
         if not all(isinstance(d, str) and d.startswith("/") for d in options["disks"]):
             raise InvalidArgument("disks must be device paths, e.g. /dev/sdb")
-        params = {k: v for k, v in options.items() if k != "key"}  # the key: never stored
+        return self._push_job(JobKind.PUSH_INSTALL, host, options)
+
+    async def push_uninstall(self, host: str, options: Record) -> str:
+        """A job in which a process server removes the agent from `host` over SSH, then
+        the machine's certificates are revoked and the machine forgotten."""
+        _name(host, "host")
+        if self._push_call is None:
+            raise ConfigServerError("push installation is not configured on this server")
+        allowed = ("key", "password", "user", "port", "machine", "accept_fingerprint", "prefix")
+        unknown = set(options) - set(allowed)
+        if unknown:
+            raise InvalidArgument(f"unknown options: {', '.join(sorted(unknown))}")
+        for key in allowed:
+            kind = PUSH_OPTIONS[key][0]
+            if key in options and not isinstance(options[key], kind):
+                raise InvalidArgument(f"option {key} must be {kind.__name__}")
+        return self._push_job(JobKind.PUSH_UNINSTALL, host, options)
+
+    def _push_job(self, kind: JobKind, host: str, options: Record) -> str:
+        if bool(options.get("key")) == bool(options.get("password")):
+            raise InvalidArgument("give either option key or option password")
+        secret = ("key", "password")  # never stored: held in memory for the job
+        params = {k: v for k, v in options.items() if k not in secret}
         params |= {"host": host, "machine": options.get("machine") or host}
         _name(params["machine"], "machine")
-        job = self.engine.submit(JobKind.PUSH_INSTALL, push.subject(host), params)
-        self._push_keys[job] = options["key"]  # before the job's task first runs
+        job = self.engine.submit(kind, push.subject(host), params)
+        self._push_keys[job] = push.credentials(options)  # before the job's task first runs
         return job

@@ -161,7 +161,9 @@ class VCenterStore:
             with connect(endpoint):
                 pass
         except VSphereError as exc:
-            raise InvalidArgument(f"vCenter {endpoint.label}: {exc}") from None
+            text = str(exc)  # most name the endpoint already
+            where = "" if text.startswith(endpoint.label) else f"{endpoint.label}: "
+            raise InvalidArgument(f"vCenter {where}{text}") from None
 
     def _read(self) -> dict[str, Credentials]:
         try:

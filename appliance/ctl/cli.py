@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
-from appliance.ctl import commands, failover, push
+from appliance.ctl import commands, failover, groups, push, vsphere
 from appliance.ctl.commands import BUS_ENV, ClientFactory, ConfigClient, Context, CtlError, CtlExit
 from appliance.daemon.cli import OperatorError
 
@@ -299,6 +299,7 @@ def _add_failover(add: Callable[..., argparse.ArgumentParser]) -> None:
         "level with it (only what differs travels), protect it again",
         "failback web01 --wait")  # fmt: skip
     _add_plans(add)
+    groups.register(add, parse_duration)
     replica = add("replica", failover.cmd_replica_set,
                   "set where the machine's VM goes at failover, from a JSON file ('-': stdin; "
                   "keys in appliance/config/replica.py)", "replica web01 replica.json")  # fmt: skip
@@ -316,33 +317,47 @@ def _add_failover(add: Callable[..., argparse.ArgumentParser]) -> None:
     vc.add_argument("--password-file", required=True, metavar="FILE")
     vc.add_argument("--thumbprint", help="the SHA-256 thumbprint to trust")
     vc.add_argument("--site", help="the site it belongs to (default: secondary)")
+    creds = add("vcenter-credentials", vsphere.cmd_vcenter_credentials,
+                "replace the user name and password stored for a registered vCenter (root "
+                "only), e.g. after its password was changed; refused unless vCenter accepts "
+                "them", "vcenter-credentials vc-dr --user administrator@vsphere.local "
+                "--password-file /root/vc.pass")  # fmt: skip
+    creds.add_argument("name", help="the registered vCenter")
+    creds.add_argument("--user", required=True)
+    creds.add_argument("--password-file", required=True, metavar="FILE",
+                       help="a file holding the password (its first line)")  # fmt: skip
+    vsphere.add_commands(add)
     pi = add("push-install", push.cmd_push_install,
              "install the agent on a host over SSH from a process server, enrol and start it "
-             "(root only: the private key travels to the server for the install, never "
-             "stored); the first time it fails with the host key's fingerprint, to check and "
-             "pass back", "push-install 10.0.0.5 --key /root/.ssh/id_ed25519 --disk /dev/sdb "
+             "(root only: the private key or password travels to the server for the install, "
+             "never stored); the first time it fails with the host key's fingerprint, to check "
+             "and pass back", "push-install 10.0.0.5 --key /root/.ssh/id_ed25519 --disk /dev/sdb "
              "--accept-fingerprint SHA256:... --wait")  # fmt: skip
     pi.add_argument("host")
-    pi.add_argument("--user", default="root", help="SSH user: root, or one with sudo")
-    pi.add_argument("--port", type=int, help="SSH port (default: 22)")
-    pi.add_argument("--key", required=True, metavar="FILE", help="the SSH private key")
+    push.add_login_arguments(pi)
     pi.add_argument("--disk", action="append", required=True, metavar="DEV",
                     help="a disk to protect (repeatable)")  # fmt: skip
-    pi.add_argument("--machine", help="the machine's name (default: HOST)")
-    pi.add_argument("--accept-fingerprint", metavar="FP",
-                    help="the host key fingerprint you checked (trust on first use)")  # fmt: skip
     pi.add_argument("--server", metavar="HOST:PORT",
                     help="where the host reaches the configuration server (default: its "
                          "first name)")  # fmt: skip
     pi.add_argument("--wait", action="store_true", help="follow the job; exit 1 if it fails")
-    pi.add_argument("--test-prefix", help=argparse.SUPPRESS)  # tests: install under a root
     pi.add_argument("--test-without-systemd", action="store_true", help=argparse.SUPPRESS)
+    pu = add("push-uninstall", push.cmd_push_uninstall,
+             "stop and remove the agent from a host over SSH (through the process server "
+             "serving it), then revoke the machine's certificates and remove it from the "
+             "inventory (root only; the key or password is never stored)",
+             "push-uninstall 10.0.0.5 --key /root/.ssh/id_ed25519 --wait")  # fmt: skip
+    pu.add_argument("host")
+    push.add_login_arguments(pu)
+    pu.add_argument("--wait", action="store_true", help="follow the job; exit 1 if it fails")
 
 
 def _add_plans(add: Callable[..., argparse.ArgumentParser]) -> None:
     point_help = (
-        "latest (default) or a time (Unix seconds or ISO 8601): each machine's own newest "
-        "usable point at or before it (a common time, not a cross-machine consistency point)"
+        "latest-group (the default when the plan's machines are one consistency group: "
+        "their newest common point, refused if there is none), latest (the default "
+        "otherwise) or a time (Unix seconds or ISO 8601): each machine's own newest usable "
+        "point at or before it (a common time, not a coordinated point)"
     )
 
     def job(name: str, func: Callable[..., int], text: str) -> argparse.ArgumentParser:

@@ -247,6 +247,11 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
             ctx.print(f"\n{title}:")
             for line in render.table(columns, records, ctx.width):
                 ctx.print(line)
+    if status.get("groups"):
+        from appliance.ctl import groups  # it imports this module
+
+        for line in groups.status_lines(ctx):
+            ctx.print(line)
     return CtlExit.OK
 
 
@@ -307,6 +312,7 @@ def cmd_job(ctx: Context, args: argparse.Namespace) -> int:
         ("State", fmt_text(job.get("state"))),
         ("Step", fmt_text(job.get("step"))),
         ("Progress", fmt_percent(job.get("percent"))),
+        *[("Detail", fmt_text(d)) for d in [(job.get("result") or {}).get("detail")] if d],
         ("Created", ctx.time(job.get("created_at"))),
         ("Updated", ctx.time(job.get("updated_at"))),
     ]

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from appliance.push.errors import HostKeyChanged, UnknownHostKey, Unreachable
-from appliance.push.ssh import CONNECT_TIMEOUT, Target
+from appliance.push.ssh import CONNECT_TIMEOUT, Target, require_client
 
 PREFERENCE = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
               "ssh-rsa")  # fmt: skip
@@ -51,6 +51,7 @@ def known_keys(known_hosts: Path, name: str) -> list[tuple[str, str]]:
 
 def scan(target: Target) -> tuple[str, str]:
     """(type, base64 key) the host offers, by preference; Unreachable if none."""
+    require_client("ssh-keyscan")
     try:
         done = subprocess.run(
             ["ssh-keyscan", "-T", str(CONNECT_TIMEOUT), "-p", str(target.port),

@@ -11,6 +11,7 @@ a `finally`. Blocking: a job step calls `push_install` in a thread.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from collections.abc import Callable, Sequence
@@ -20,9 +21,9 @@ from pathlib import Path
 
 from appliance.push import hostkeys
 from appliance.push.bundle import UNIT, Bundle, Platform
-from appliance.push.errors import CopyFailed, InstallFailed, PushError, Unsupported
+from appliance.push.errors import CopyFailed, InstallFailed, NoRoot, PushError, Unsupported
 from appliance.push.probe import HostFacts, Layout, check, probe_script
-from appliance.push.ssh import SYSTEM_PATH, Ssh, Target, failure
+from appliance.push.ssh import SYSTEM_PATH, Ssh, Sudo, Target, failure
 
 COPY_ATTEMPTS = 3
 IMAGE_BIN = "/opt/secondsite/bin/"  # where the unit in units/ names the agent
@@ -62,6 +63,7 @@ class InstallReport:
     enrolled: bool = False
     started: bool = False
     notes: tuple[str, ...] = ()
+    machine: str = ""  # uninstall: the name the agent was enrolled under
 
 
 def _quiet(step: Step, message: str) -> None:
@@ -72,7 +74,8 @@ def push_install(
     host: str,
     *,
     user: str = "root",
-    key: Path,
+    key: Path | None = None,
+    password: str | None = None,
     known_hosts: Path,
     server: str,
     passphrase: str,
@@ -87,13 +90,15 @@ def push_install(
     path: str = SYSTEM_PATH,
 ) -> InstallReport:
     """Install (or upgrade to) `bundle` on `host` and enrol it with the configuration
-    server at `server` (HOST:9440) using `passphrase`. `accept_fingerprint`: the host
-    key fingerprint the operator confirmed on first contact (see hostkeys.py).
+    server at `server` (HOST:9440) using `passphrase`. Log in with `key` or `password`
+    (a non-root user's sudo gets the same password if it asks for one).
+    `accept_fingerprint`: the host key fingerprint the operator confirmed on first
+    contact (see hostkeys.py).
     `start_without_systemd` is for tests: a host without systemd gets the agent started
     with nohup instead of "installed, not started". `path`: PATH of the commands run
     there (which python3 is used)."""
-    run = _Run(Target(host, key, known_hosts, user, port), Layout(prefix), progress or _quiet,
-               path)  # fmt: skip
+    run = _Run(_target(host, key, password, known_hosts, user, port), Layout(prefix),
+               progress or _quiet, path)  # fmt: skip
     return run.install(
         source=bundle, server=server, passphrase=passphrase, disks=disks,
         machine_id=machine_id, accept=accept_fingerprint, nohup=start_without_systemd,
@@ -104,16 +109,27 @@ def push_uninstall(
     host: str,
     *,
     user: str = "root",
-    key: Path,
+    key: Path | None = None,
+    password: str | None = None,
     known_hosts: Path,
     progress: Progress | None = None,
     prefix: str = "",
     port: int = 22,
+    accept_fingerprint: str | None = None,
 ) -> InstallReport:
     """Stop the agent and remove everything push_install put there (venv, unit, config,
-    state with the agent's certificate). The host key must be trusted already."""
-    run = _Run(Target(host, key, known_hosts, user, port), Layout(prefix), progress or _quiet)
-    return run.uninstall()
+    state with the agent's certificate). The report's `machine` is the name the agent
+    was enrolled under ("" if it was not)."""
+    target = _target(host, key, password, known_hosts, user, port)
+    return _Run(target, Layout(prefix), progress or _quiet).uninstall(accept_fingerprint)
+
+
+def _target(  # noqa: PLR0917 - the login's parts, passed through
+    host: str, key: Path | None, password: str | None, known_hosts: Path, user: str, port: int
+) -> Target:
+    if (key is None) == (password is None):
+        raise ValueError("log in with either a key or a password")
+    return Target(host, key, known_hosts, user, port, password)
 
 
 @dataclass
@@ -138,8 +154,28 @@ class _Run:
         self.say(Step.PROBE, "checking OS, architecture, Python, privileges, free space")
         out = self.ssh.check(probe_script(self.layout), what="probe", error=InstallFailed)
         facts = HostFacts.parse(out)
-        self.ssh = Ssh(self.target, sudo=facts.uid != 0, path=self.path)
+        sudo = Sudo.NONE if facts.uid == 0 else Sudo.NOPASSWD if facts.sudo else Sudo.PASSWORD
+        # sudo wants a password: the login's, if there is one and sudo takes it.
+        if sudo is Sudo.PASSWORD and not self.sudo_takes_password():
+            raise NoRoot(
+                f"{self.target}: the install needs root or sudo; {self.target.user} is "
+                "not root and sudo refused it",
+                "log in as root, or give the user sudo rights (without a password, or "
+                "log in with the password sudo asks for)",
+            )
+        self.ssh = Ssh(self.target, sudo=sudo, path=self.path)
+        if sudo is not Sudo.NONE:
+            how = " ".join(sudo.value.split()[:2])  # sudo -n / sudo -S
+            self.say(Step.PROBE, f"{self.target.user} is not root: commands run with {how}")
+            # Again as root: the user may not see into /opt, /etc/secondsite, the state.
+            out = self.ssh.check(probe_script(self.layout), what="probe", error=InstallFailed)
+            facts = dataclasses.replace(HostFacts.parse(out), uid=facts.uid, sudo=True)
         return fingerprint, facts
+
+    def sudo_takes_password(self) -> bool:
+        if self.target.password is None:
+            return False
+        return Ssh(self.target, sudo=Sudo.PASSWORD).run("true", what="sudo check").returncode == 0
 
     def install(
         self,
@@ -155,10 +191,11 @@ class _Run:
         fingerprint, facts = self.connect(accept)
         check(facts, self.target.host, 0)  # the platform first: it picks the bundle
         bundle = source if isinstance(source, Bundle) else source(facts.platform)
-        if bundle.platform.python != facts.platform.python or bundle.platform.arch != facts.arch:
+        if not bundle.platform.runs_on(facts.platform):
             raise Unsupported(
                 f"{self.target.host}: the bundle is for Python {bundle.platform.python} on "
-                f"{bundle.platform.arch}, the host has {facts.python} on {facts.arch}"
+                f"{bundle.platform.arch} with glibc >= {bundle.platform.glibc}, the host has "
+                f"{facts.python} on {facts.arch} with glibc {facts.glibc}"
             )
         self.notes += check(facts, self.target.host, bundle.size)
         self.say(Step.PROBE, f"{facts.os}, {facts.arch}, {facts.python}")
@@ -350,8 +387,8 @@ echo {bundle.sha256} > {new}/.bundle
         except PushError as exc:
             self.notes.append(f"rollback incomplete: {exc.message}")
 
-    def uninstall(self) -> InstallReport:
-        fingerprint, facts = self.connect(None)
+    def uninstall(self, accept: str | None) -> InstallReport:
+        fingerprint, facts = self.connect(accept)
         lay = self.layout
         machine = ""
         if facts.enrolled:
@@ -381,7 +418,7 @@ echo {bundle.sha256} > {new}/.bundle
             "configuration server (its enrolment is still valid there)"
         )
         return InstallReport(self.target.host, fingerprint, facts, Action.UNINSTALLED,
-                             notes=tuple(self.notes))  # fmt: skip
+                             notes=tuple(self.notes), machine=machine)  # fmt: skip
 
 
 # Stops an agent started with nohup (test hosts without systemd), waiting up to 30 s.

@@ -170,8 +170,8 @@ def check(facts: HostFacts, host: str, bundle_size: int) -> list[str]:
     if not re.fullmatch(r"\d+\.\d+", facts.glibc):
         raise Unsupported(f"{host}: no glibc found (musl?)", "the agent's wheels need glibc")
     if facts.uid != 0 and not facts.sudo:
-        raise NoRoot(f"{host}: user is not root and has no passwordless sudo",
-                     "log in as root, or allow the user 'sudo -n' without a password")  # fmt: skip
+        raise NoRoot(f"{host}: the install needs root or sudo; the user is neither",
+                     "log in as root, or give the user sudo rights")  # fmt: skip
     # The venv is about 3x the wheels; the bundle is copied and unpacked under /var/tmp.
     need_opt, need_var = 4 * bundle_size + 32 * MIB, 2 * bundle_size + 16 * MIB
     for where, free, need in (("/opt", facts.free_opt, need_opt),

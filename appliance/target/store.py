@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.storage.atomic import fsync_dir
+from appliance.storage.fileio import is_no_space
 from appliance.target import vmdk
 from appliance.target.catalogue import Catalogue, DiskRow, PointRow
 from appliance.target.errors import (
@@ -32,6 +33,7 @@ from appliance.target.errors import (
     JournalCorrupt,
     PointUnusable,
     ReplicaMissing,
+    StorageFull,
     TargetError,
     UnknownDisk,
     UnknownPoint,
@@ -268,6 +270,14 @@ class ReplicaStore:
             )  # fmt: skip
         except JournalCorrupt as exc:
             raise self._damaged(replica, tag_id, exc) from exc
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            # An operator's condition, not a bug: answered, not a dropped connection.
+            raise StorageFull(
+                f"no space left on {out_dir} for the copy of disk {disk_id} "
+                f"({replica.size} bytes, sparse)"
+            ) from exc
         finally:
             replica.journal.unpin(token)
         return pair.descriptor

@@ -134,6 +134,9 @@ class VirtualMachine(Record):
     template: bool
     disks: tuple[Disk, ...]
     nics: tuple[Nic, ...]
+    # The SMBIOS UUID, what the guest reads in /sys/class/dmi/id/product_uuid (how an
+    # enrolled agent is matched to its VM); "" when vCenter reports none.
+    bios_uuid: str = ""
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,7 @@ _PATHS: dict[type, list[str]] = {
         "config.firmware",
         "config.guestId",
         "config.instanceUuid",
+        "config.uuid",
         "config.annotation",
         "config.template",
         "config.files.vmPathName",
@@ -368,6 +372,7 @@ def discover(session: Session) -> Inventory:
                 guest_id=str(p.get("config.guestId", "")),
                 power_state=PowerState(p.get("runtime.powerState", PowerState.OFF)),
                 uuid=str(p.get("config.instanceUuid", "")),
+                bios_uuid=str(p.get("config.uuid", "")).lower(),
                 vmx_path=str(p.get("config.files.vmPathName", "")),
                 annotation=str(p.get("config.annotation") or ""),
                 template=bool(p.get("config.template", False)),

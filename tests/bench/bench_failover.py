@@ -184,10 +184,12 @@ class TimedOps(failover.ServiceOps):
         super().__init__(*args)
         self.rpc: dict[str, float] = {}
 
-    async def target_call(self, address: str, method: str, params: dict[str, Any]) -> Any:
+    async def target_call(
+        self, address: str, method: str, params: dict[str, Any], *, timeout: float | None = None
+    ) -> Any:
         started = time.perf_counter()
         try:
-            return await super().target_call(address, method, params)
+            return await super().target_call(address, method, params, timeout=timeout)
         finally:
             self.rpc[method] = self.rpc.get(method, 0.0) + time.perf_counter() - started
 

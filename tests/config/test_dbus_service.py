@@ -245,6 +245,10 @@ class FakeConfig:
         self.calls.append(("push_install", (host, options)))
         return "job-push"
 
+    async def push_uninstall(self, host: str, options: Record) -> str:
+        self.calls.append(("push_uninstall", (host, options)))
+        return "job-push-uninstall"
+
     def summary(self) -> Summary:
         return Summary("1.2.3", 3, 2, 1, 4, -1.0)
 
@@ -404,6 +408,9 @@ def test_changes_round_trip(client: Config1Client, api: FakeConfig) -> None:
     options = {"key": "KEY", "disks": ["/dev/sdb"], "port": 2222}
     assert client.call("PushInstall", "src1", options) == "job-push"
     assert ("push_install", ("src1", options)) in api.calls
+    options = {"password": "pw", "user": "admin"}
+    assert client.call("PushUninstall", "src1", options) == "job-push-uninstall"
+    assert ("push_uninstall", ("src1", options)) in api.calls
 
 
 def test_wire_types_are_the_documented_ones(raw: Any) -> None:
@@ -619,6 +626,7 @@ _PROBE_CALLS = [
     ["Revoke", ["web01"]],
     ["RegisterVCenter", ["vc", "dr", "vc:443", "u", "pw", "AA:BB"]],
     ["PushInstall", ["src1", {"key": "k", "disks": ["/dev/sdb"]}]],
+    ["PushUninstall", ["src1", {"key": "k"}]],
 ]
 
 
@@ -643,7 +651,8 @@ def test_policy_group_member_outsider_and_root(
     server: Config1Server, bus: PrivateBus, client: Config1Client
 ) -> None:
     member = probe(bus, MEMBER)
-    root_only = {"GetPassphrase", "RotatePassphrase", "Revoke", "RegisterVCenter", "PushInstall"}
+    root_only = {"GetPassphrase", "RotatePassphrase", "Revoke", "RegisterVCenter", "PushInstall",
+                 "PushUninstall"}  # fmt: skip
     assert {m for m, r in member.items() if r == "ok"} == set(member) - root_only
     assert {member[m] for m in root_only} == {ACCESS_DENIED}
     assert set(probe(bus, OUTSIDER).values()) == {ACCESS_DENIED}
@@ -660,7 +669,8 @@ def test_policy_lists_every_contract_method() -> None:
         if rule.get("send_interface") == INTERFACE
     }
     methods = set(_interface(contract_xml())["methods"])
-    root_only = {"GetPassphrase", "RotatePassphrase", "Revoke", "RegisterVCenter", "PushInstall"}
+    root_only = {"GetPassphrase", "RotatePassphrase", "Revoke", "RegisterVCenter", "PushInstall",
+                 "SetVCenterCredentials", "PushUninstall"}  # fmt: skip
     assert allowed == methods - root_only
 
 

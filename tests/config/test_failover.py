@@ -254,8 +254,10 @@ class Ops(failover.ServiceOps):
         self.held = asyncio.Event()
         self.calls = 0
 
-    async def target_call(self, address: str, method: str, params: dict[str, Any]) -> Any:
-        result = await super().target_call(address, method, params)
+    async def target_call(
+        self, address: str, method: str, params: dict[str, Any], *, timeout: float | None = None
+    ) -> Any:
+        result = await super().target_call(address, method, params, timeout=timeout)
         if method == "discard":
             self.discarded.extend(result["discarded"])
         return result

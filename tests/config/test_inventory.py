@@ -548,7 +548,7 @@ def test_thousand_machines_four_disks_each_listed_in_two_queries(inv: Inventory)
 def test_groups_and_plans(inv: Inventory) -> None:
     assert inv.set_group("web") == {"name": "web", "policy": None}
     inv.set_group("web", policy="default")
-    assert inv.groups() == [{"name": "web", "policy": "default"}]
+    assert inv.groups() == [{"name": "web", "policy": "default", "interval_s": 300.0}]
     with pytest.raises(NotFound, match="'gold'"):
         inv.set_group("db", policy="gold")
     spec = {"order": [["db"], ["web"]], "delay_s": 30}

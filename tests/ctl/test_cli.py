@@ -165,6 +165,7 @@ def _answers() -> dict[str, Any]:
         "ListVCenters": [{"name": "vc-dr", "site": "dr", "address": "vc:443"}],
         "RegisterVCenter": lambda *a: {"name": a[0], "address": a[2], "thumbprint": a[5]},
         "PushInstall": "j-30",
+        "PushUninstall": "j-31",
         "ListPlans": [
             {
                 "name": "erp",
@@ -257,7 +258,9 @@ def test_help_lists_every_command_and_exit_status() -> None:
         "test-failover", "cleanup", "failover", "commit", "cancel", "failback", "replica",
         "vcenters",
         "vcenter-add",
+        "vcenter-credentials", "vms", "protect-vm",
         "push-install",
+        "push-uninstall",
         "plans", "plan-set", "plan-test-failover", "plan-cleanup", "plan-failover",
     ):  # fmt: skip
         # a long name gets its own line, its help on the next
@@ -707,3 +710,28 @@ def test_push_install(ctl: Run, tmp_path: Path) -> None:
     assert not missing.client.calls
     no_disk = ctl("push-install", "h1", "--key", str(key))
     assert no_disk.code == CtlExit.USAGE and not no_disk.client.calls
+
+
+def test_push_with_a_password_and_uninstall(ctl: Run, tmp_path: Path) -> None:
+    password = tmp_path / "pw"
+    password.write_text("s3cret pass\nignored\n")
+    result = ctl("push-install", "h1", "--password-file", str(password), "--user", "admin",
+                 "--disk", "/dev/sdb")  # fmt: skip
+    assert result.code == 0
+    options = {"password": "s3cret pass", "disks": ["/dev/sdb"], "user": "admin"}
+    assert result.client.calls == [("PushInstall", ("h1", options))]
+    both = ctl("push-install", "h1", "--password-file", str(password), "--key", str(password),
+               "--disk", "/dev/sdb")  # fmt: skip
+    assert both.code == CtlExit.USAGE and not both.client.calls
+    neither = ctl("push-uninstall", "h1")
+    assert neither.code == CtlExit.USAGE and not neither.client.calls
+    (tmp_path / "empty").write_text("\n")
+    empty = ctl("push-uninstall", "h1", "--password-file", str(tmp_path / "empty"))
+    assert empty.code == CtlExit.FAILURE and "is empty" in empty.err
+    result = ctl("push-uninstall", "h1", "--password-file", str(password), "--machine", "db1",
+                 "--accept-fingerprint", "SHA256:x")  # fmt: skip
+    assert (result.code, result.out) == (0, "j-31\n")
+    assert result.client.calls == [("PushUninstall", ("h1", {
+        "password": "s3cret pass", "user": "root", "machine": "db1",
+        "accept_fingerprint": "SHA256:x",
+    }))]  # fmt: skip

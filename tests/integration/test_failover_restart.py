@@ -60,9 +60,20 @@ class Protected:
 
 
 @contextlib.contextmanager
-def protected(site: Site, tmp_path: Path, sim: Vcsim, name: str) -> Iterator[Protected]:
+def protected(
+    site: Site,
+    tmp_path: Path,
+    sim: Vcsim,
+    name: str,
+    *,
+    datastore: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Iterator[Protected]:
+    """`name` protected onto a master target whose datastore directory is `datastore`
+    (default: vcsim's LocalDS_0), its replica settings changed by `overrides`."""
     inv = inventory(sim)
-    datastore = Path(next(d.url for d in inv.datastores if d.name == "LocalDS_0"))
+    if datastore is None:
+        datastore = Path(next(d.url for d in inv.datastores if d.name == "LocalDS_0"))
     target = site.role("target", "appliance.target", f'[storage]\ndatastore = "{datastore}"\n')
     site.enrol(target)
     target.start()
@@ -81,7 +92,9 @@ def protected(site: Site, tmp_path: Path, sim: Vcsim, name: str) -> Iterator[Pro
         try:
             site.wait(f"{name} protected", lambda: state(site, name) == "protected")
             settings = tmp_path / "replica.json"
-            settings.write_text(json.dumps(replica_settings(inv, datastore)))
+            settings.write_text(
+                json.dumps({**replica_settings(inv, datastore), **(overrides or {})})
+            )
             site.ctl("replica", name, str(settings))
             site.wait(f"a recovery point of {name}", lambda: site.ctl_json("points", name))
             yield Protected(name, datastore, agent, f"{name}-{Path(device).name}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from appliance.lab.bus import PrivateBus
 from appliance.push.bundle import Bundle, Platform, build_bundle
+from tests.conftest import TlsMaterial
+from tests.integration.configsite import Site, start_site
 from tests.push.host import SourceHost, keypair, source_host
 
 # This machine is the "host": its Python, architecture and glibc.
@@ -37,3 +40,12 @@ def prefix(tmp_path: Path) -> Path:
     root = tmp_path / "root"
     root.mkdir()
     return root
+
+
+@pytest.fixture
+def site(
+    tmp_path: Path, private_bus_factory: Callable[..., PrivateBus], tls: TlsMaterial
+) -> Iterator[Site]:
+    """A configd on a private bus (tests.integration.configsite)."""
+    (tmp_path / "site").mkdir()
+    yield from start_site(tmp_path / "site", private_bus_factory, tls)

@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,10 @@ from pathlib import Path
 import pytest
 
 _numbers = itertools.count()
+#: Users of the source host besides root, with their sudo rights; all of them (and
+#: root) log in with the test key or PASSWORD.
+USERS = {"pushsudo": "NOPASSWD: ALL", "pushpw": "ALL", "pushnone": ""}
+PASSWORD = "correct horse 'battery' $taple"  # quotes and $: the askpass must pass it intact
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -43,6 +48,10 @@ class SourceHost:
     sshd: subprocess.Popen[bytes] | None = None
     port: int = 22
     keys_generation: int = 0
+    public: Path | None = None  # a directory every user may read
+    #: Names that resolve to `outside` on the host (its /etc/hosts): TLS names of
+    #: daemons in this namespace, reached through a Relay.
+    outside_names: tuple[str, ...] = ()
 
     @property
     def ns(self) -> str:
@@ -74,6 +83,8 @@ class SourceHost:
         self.stop_sshd()
         sh("ip", "netns", "del", self.ns, check=False)  # takes the veth pair with it
         sh("ip", "link", "del", self.host_if, check=False)
+        if self.public is not None:
+            shutil.rmtree(self.public, ignore_errors=True)
 
     def start_sshd(self, *, new_keys: bool = False) -> None:
         """(Re)start sshd; `new_keys`: a fresh host key (a reinstalled host)."""
@@ -83,25 +94,34 @@ class SourceHost:
         hostkey = self.tmp / f"ssh_host_ed25519_key.{self.keys_generation}"
         if not hostkey.exists():
             keypair(hostkey)
-        shutil.copy(self.authorized_key, self.tmp / "authorized_keys")
+        # sshd reads the keys as the user, who cannot see into pytest's 0700 temp dirs.
+        if self.public is None:
+            self.public = Path(tempfile.mkdtemp(prefix="sspush-keys."))
+            self.public.chmod(0o755)
+        shutil.copy(self.authorized_key, self.public / "authorized_keys")
+        (self.public / "authorized_keys").chmod(0o644)
         config = self.tmp / "sshd_config"
         lines = [
             f"ListenAddress {self.addr}:{self.port}",
             f"HostKey {hostkey}",
             f"PidFile {self.tmp / 'sshd.pid'}",
-            f"AuthorizedKeysFile {self.tmp / 'authorized_keys'}",
+            f"AuthorizedKeysFile {self.public / 'authorized_keys'}",  # every user's
             "UsePAM no",
-            "PermitRootLogin prohibit-password",
-            "PasswordAuthentication no",
+            "PermitRootLogin yes",
+            "PasswordAuthentication yes",
             "KbdInteractiveAuthentication no",
             "StrictModes no",
-            "AllowUsers root",
+            f"AllowUsers root {' '.join(USERS)}",
         ]
         config.write_text("\n".join(lines) + "\n")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         log = (self.tmp / "sshd.log").open("ab")
+        # `ip netns exec` gives sshd a mount namespace of its own (a slave of this one):
+        # the users, their passwords and sudo rights are bind-mounted there only.
+        binds = " && ".join(f"mount --bind {f} /etc/{f.name}" for f in self.accounts())
         self.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+            ["ip", "netns", "exec", self.ns, "sh", "-c",
+             f"{binds} && exec /usr/sbin/sshd -D -e -f {config}"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10
@@ -111,6 +131,30 @@ class SourceHost:
             assert self.sshd.poll() is None, (self.tmp / "sshd.log").read_text()
             time.sleep(0.1)
         raise AssertionError("sshd did not listen: " + (self.tmp / "sshd.log").read_text())
+
+    def accounts(self) -> list[Path]:
+        """passwd, shadow, sudoers with the test users (USERS) added; hosts."""
+        out = self.tmp / "etc"
+        out.mkdir(exist_ok=True)
+        hashed = sh("openssl", "passwd", "-6", PASSWORD).stdout.strip()
+        passwd = Path("/etc/passwd").read_text()
+        shadow = "".join(
+            f"root:{hashed}:19000:0:99999:7:::\n" if x.startswith("root:") else x + "\n"
+            for x in Path("/etc/shadow").read_text().splitlines()
+        )
+        sudoers = "Defaults lecture=never\nroot ALL=(ALL:ALL) ALL\n"
+        for uid, (user, rights) in enumerate(USERS.items(), 4301):
+            passwd += f"{user}:x:{uid}:65534::/:/bin/sh\n"
+            shadow += f"{user}:{hashed}:19000:0:99999:7:::\n"
+            sudoers += f"{user} ALL=(ALL:ALL) {rights}\n" if rights else ""
+        hosts = "".join(f"{self.outside} {n}\n" for n in self.outside_names)
+        files = {"passwd": (passwd, 0o644), "shadow": (shadow, 0o640),
+                 "sudoers": (sudoers, 0o440),
+                 "hosts": (hosts + Path("/etc/hosts").read_text(), 0o644)}  # fmt: skip
+        for name, (text, mode) in files.items():
+            (out / name).write_text(text)
+            (out / name).chmod(mode)
+        return [out / name for name in files]
 
     def stop_sshd(self) -> None:
         if self.sshd is not None and self.sshd.poll() is None:

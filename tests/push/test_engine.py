@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.push import askpass, hostkeys
 from appliance.push.errors import (
     BadCredentials,
     DiskFull,
@@ -19,7 +20,7 @@ from appliance.push.errors import (
 )
 from appliance.push.hostkeys import fingerprint, forget, known_keys
 from appliance.push.probe import HostFacts, check
-from appliance.push.ssh import Target, ssh_error
+from appliance.push.ssh import Ssh, Sudo, Target, ssh_error
 from tests.push.host import keypair
 
 TARGET = Target("10.0.0.2", Path("/k"), Path("/kh"))
@@ -106,3 +107,40 @@ def test_probe_refusals(changes: dict[str, str], error: type[PushError], text: s
         check(facts(**changes), "h", 10 << 20)
     if "uid" in changes:
         assert check(facts(uid="1000", sudo="yes"), "h", 10 << 20)
+
+
+def test_askpass_helper_prints_the_secret_from_its_environment() -> None:
+    secret = 'it\'s a "$secret" \\n with `quotes`'
+    helper = askpass.helper()
+    assert helper.stat().st_mode & 0o777 == 0o700 and secret not in helper.read_text()
+    done = subprocess.run([str(helper), "Password:"], capture_output=True, text=True,
+                          env={askpass.SECRET_ENV: secret}, check=True)  # fmt: skip
+    assert done.stdout == secret + "\n"
+    helper.unlink()  # removed (tmpfiles cleaning): written again
+    assert askpass.helper().is_file()
+
+
+def test_password_login_options_and_environment() -> None:
+    target = Target("h", None, Path("/kh"), "admin", password="pw")
+    assert "pw" not in repr(target) and str(target) == "admin@h"
+    ssh = Ssh(target, sudo=Sudo.PASSWORD)
+    args = " ".join(ssh.args())
+    assert "BatchMode=no" in args and "PubkeyAuthentication=no" in args
+    assert "NumberOfPasswordPrompts=1" in args and "IdentityFile" not in args
+    assert "pw" not in " ".join(ssh.command("true"))
+    assert ssh.command("true")[-1].startswith("sudo -S -k -p '' env ")
+    env = ssh.env()
+    assert env[askpass.SECRET_ENV] == "pw" and env["SSH_ASKPASS_REQUIRE"] == "force"
+    keyed = Ssh(Target("h", Path("/k"), Path("/kh")))
+    assert askpass.SECRET_ENV not in keyed.env() and "BatchMode=yes" in " ".join(keyed.args())
+    with pytest.raises(ValueError, match="password"):
+        Ssh(Target("h", Path("/k"), Path("/kh")), sudo=Sudo.PASSWORD)
+
+
+def test_no_openssh_client_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")  # a process server without openssh-client
+    with pytest.raises(PushError, match="ssh-keyscan is not installed") as caught:
+        hostkeys.verify(TARGET)
+    assert "openssh-client" in caught.value.hint
+    with pytest.raises(PushError, match="ssh is not installed"):
+        Ssh(TARGET).run("true")
