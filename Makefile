@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 # Debian packages the build and the tests need (installed when root and missing).
 APT_PACKAGES := python3-venv libdbus-1-dev libglib2.0-dev dbus e2fsprogs util-linux systemd \
-                iproute2 zstd openssh-server openssh-client
+                iproute2 zstd openssh-server openssh-client genisoimage sudo
 
 .PHONY: quickstart test lint typecheck unit bench deps venv clean
 
@@ -49,7 +49,7 @@ clean:
 # Debian packages the image build and the boot test need on the build machine.
 IMAGE_APT_PACKAGES := systemd mkosi debootstrap debian-archive-keyring systemd-container \
                       fdisk dosfstools mtools grub-common e2fsprogs qemu-utils \
-                      qemu-system-x86 ovmf virt-v2v
+                      qemu-system-x86 ovmf virt-v2v genisoimage
 
 .PHONY: image image-test image-deps units-check
 
@@ -60,9 +60,10 @@ image-deps:
 image: venv image-deps
 	bash image/build.sh
 
-# Boots the raw disk from `make image` under QEMU (BIOS and UEFI), checks the OVA.
+# Boots the raw disk from `make image` under QEMU, checks the OVA. IMAGE_BOOTS: default
+# "plain:bios ovf:uefi" (no OVF environment on BIOS; an OVF ISO on UEFI).
 image-test: venv image-deps
-	bash image/boot-test.sh $(IMAGE_FIRMWARES)
+	bash image/boot-test.sh $(IMAGE_BOOTS)
 
 # The unit checks alone (they are also part of `make test`).
 units-check: venv

@@ -1,20 +1,25 @@
 #!/bin/bash
 # `make image-test`: boot mkosi.output/secondsite.raw under QEMU (TCG: KVM is not usable
-# on the build machines) with VMware-like devices (pvscsi disk, vmxnet3 NIC), once per
-# firmware (default: bios uefi), then check the OVA with virt-v2v.
+# on the build machines) with VMware-like devices (pvscsi disk, vmxnet3 NIC), then check
+# the OVA with virt-v2v. Two boots by default, one per firmware, one per first-boot path:
+#   plain:bios  no OVF environment: multi-user, no failed unit, the console's setup
+#               screen on tty1 (dumped from /dev/vcsu1 into the log), no role daemon
+#   ovf:uefi    a CD-ROM with ovf-env.xml (the OVF ISO transport) setting the hostname, a
+#               static address and role "all": the hostname and address applied, the
+#               role targets enabled, configd answering secondsitectl and targetd a TLS
+#               1.3 handshake at the static address (host port forward to 10.0.2.20)
+# Arguments pick other boots: SCENARIO:FIRMWARE with plain|ovf and bios|uefi.
 #
 # Each boot runs on a throwaway qcow2 overlay (the raw disk and the OVA stay pristine,
 # and every boot is a first boot). Test-only TLS material reaches the guest as the
 # systemd credential tmpfiles.extra in an SMBIOS type 11 string (tests/image/bootkit.py
-# says why). The guest's secondsite-boot-check.service prints its report on the serial
-# console; this script passes a boot when the report says:
-#   reached multi-user.target, failed-units=none, RESULT=PASS,
-#   unit=secondsite-targetd.service state=active/running (READY=1 received)
-# and a TLS 1.3 handshake (client certificate from the test CA) with targetd on 9442
-# succeeds through a host port forward. Then it powers the guest off over QMP.
+# says why); it makes targetd startable, and only the role decides whether it starts.
+# The guest's secondsite-boot-check.service prints its report (with systemd-analyze
+# blame and the tty1 screen) on the serial console; this script reads it, then powers
+# the guest off over QMP.
 #
 # Settings: BOOT_TIMEOUT (seconds per boot, 900), BOOT_SMP (1: the build machines are
-# shared), BOOT_MEMORY_MIB (2048). Serial logs: mkosi.output/boot-test-<firmware>.log.
+# shared), BOOT_MEMORY_MIB (2048). Serial logs: mkosi.output/boot-test-<scenario>-<fw>.log.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,12 +39,20 @@ OVMF_CODE=${OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
 OVMF_VARS=${OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
 MARK="SECONDSITE-BOOT-CHECK:"
 
-firmwares=("$@")
-[ ${#firmwares[@]} -gt 0 ] || firmwares=(bios uefi)
-for fw in "${firmwares[@]}"; do
-    case "$fw" in bios | uefi) ;; *) die "unknown firmware '$fw' (bios or uefi)" ;; esac
+# What the ovf boot's environment sets, and so what it must find applied.
+OVF_HOSTNAME=dr01.example.test
+OVF_ADDRESS=10.0.2.20/24
+OVF_MAC=00:50:56:8a:3c:01  # VMware's OUI; the environment names it as the first adapter
+ROLE_DAEMONS="secondsite-configd.service secondsite-processd.service secondsite-targetd.service"
+
+boots=("$@")
+[ ${#boots[@]} -gt 0 ] || boots=(plain:bios ovf:uefi)
+for b in "${boots[@]}"; do
+    case "$b" in plain:bios | plain:uefi | ovf:bios | ovf:uefi) ;;
+        *) die "unknown boot '$b' (SCENARIO:FIRMWARE: plain or ovf, bios or uefi)" ;;
+    esac
 done
-for cmd in qemu-system-x86_64 qemu-img virt-v2v; do
+for cmd in qemu-system-x86_64 qemu-img virt-v2v genisoimage; do
     command -v "$cmd" >/dev/null || die "$cmd not found (hint: make image-deps)"
 done
 [ -f "$RAW" ] && [ -f "$OVA" ] || die "$RAW or $OVA is missing (hint: make image)"
@@ -68,30 +81,43 @@ summary=()
 failures=0
 
 boot() {
-    local fw=$1 log=$OUT/boot-test-$1.log overlay=$work/$1.qcow2 qmp=$work/qmp-$1.sock
-    local port start elapsed result problems=()
-    # BIOS: the disk on VMware paravirtual SCSI (SeaBIOS boots from it). UEFI: Debian's
-    # OVMF has no PVSCSI driver (ESXi's own EFI firmware has one), so the disk sits on
-    # AHCI, which is VMware's SATA controller.
+    local scenario=${1%%:*} fw=${1##*:} name=${1/:/-}
+    local log=$OUT/boot-test-$name.log overlay=$work/$name.qcow2 qmp=$work/qmp-$name.sock
+    local port start elapsed result problems=() guest_ip=""
+    # BIOS: the disk on VMware paravirtual SCSI (SeaBIOS boots from it), the CD-ROM on
+    # the board's IDE. UEFI: Debian's OVMF has no PVSCSI driver (ESXi's own EFI firmware
+    # has one), so disk and CD-ROM sit on AHCI, which is VMware's SATA controller.
     # shellcheck disable=SC2054  # commas belong to QEMU's option syntax
     local fwargs=() diskargs=(-device pvscsi,id=scsi0 -device scsi-hd,drive=disk0,bus=scsi0.0,bootindex=0)
+    local cdbus=ide.1 cdargs=()
     if [ "$fw" = uefi ]; then
         [ -f "$OVMF_CODE" ] && [ -f "$OVMF_VARS" ] || die "OVMF not found (hint: make image-deps)"
-        cp "$OVMF_VARS" "$work/vars.fd"
+        cp "$OVMF_VARS" "$work/vars-$name.fd"
         fwargs=(-drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
-            -drive "if=pflash,format=raw,unit=1,file=$work/vars.fd")
+            -drive "if=pflash,format=raw,unit=1,file=$work/vars-$name.fd")
         # shellcheck disable=SC2054
         diskargs=(-device ahci,id=ahci0 -device ide-hd,drive=disk0,bus=ahci0.0,bootindex=0)
+        cdbus=ahci0.1
+    fi
+    if [ "$scenario" = ovf ]; then
+        guest_ip=${OVF_ADDRESS%/*}
+        "$PY" -m tests.image.bootkit ovf-iso "$work/ovf-env-$name.iso" \
+            "hostname=$OVF_HOSTNAME" role=all network.mode=static "network.address=$OVF_ADDRESS" \
+            network.gateway=10.0.2.2 network.dns=10.0.2.3 --mac "$OVF_MAC" \
+            || die "cannot build the OVF ISO"
+        cdargs=(-drive "if=none,id=cd0,file=$work/ovf-env-$name.iso,format=raw,media=cdrom,readonly=on"
+            -device "ide-cd,drive=cd0,bus=$cdbus")
     fi
     qemu-img create -q -f qcow2 -F raw -b "$(realpath "$RAW")" "$overlay"
     port=$("$PY" -m tests.image.bootkit free-port)
     : > "$log"
-    say "[$fw] booting (TCG, $BOOT_SMP vCPU, $BOOT_MEMORY_MIB MiB, disk on ${diskargs[1]%%,*}, vmxnet3); serial log $log"
+    say "[$name] booting (TCG, $BOOT_SMP vCPU, $BOOT_MEMORY_MIB MiB, disk on ${diskargs[1]%%,*}, vmxnet3${cdargs:+, OVF ISO on $cdbus}); serial log $log"
     qemu-system-x86_64 -accel tcg -machine pc -cpu max -smp "$BOOT_SMP" -m "$BOOT_MEMORY_MIB" \
         -nodefaults -display none -vga std "${fwargs[@]}" \
         -drive "if=none,id=disk0,file=$overlay,format=qcow2,cache=unsafe" "${diskargs[@]}" \
-        -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$port-:9442" \
-        -device vmxnet3,netdev=net0,romfile= \
+        "${cdargs[@]}" \
+        -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$port-$guest_ip:9442" \
+        -device "vmxnet3,netdev=net0,mac=$OVF_MAC,romfile=" \
         -smbios "type=11,value=$credential" \
         -serial "file:$log" -qmp "unix:$qmp,server=on,wait=off" &
     qpid=$!
@@ -106,27 +132,51 @@ boot() {
     done
     elapsed=$((SECONDS - start))
     sleep 1  # let the last lines reach the log
-    say "[$fw] boot check after ${elapsed}s (wall clock):"
-    grep -a -o "$MARK.*" "$log" | tr -d '\r' | sed "s/^/  [$fw] /" || true
+    say "[$name] boot check after ${elapsed}s (wall clock):"
+    grep -a -o "$MARK.*" "$log" | tr -d '\r' | sed "s/^/  [$name] /" || true
+    local report
+    report=$(grep -a -o "$MARK.*" "$log" | tr -d '\r' || true)
+    has() { grep -q -E "^$MARK $1" <<<"$report"; }
 
     [ "$result" = "$MARK RESULT=PASS" ] || problems+=("boot-check:${result:-none}")
-    grep -a -q "$MARK reached multi-user.target" "$log" || problems+=("no-multi-user")
-    grep -a -q "$MARK failed-units=none" "$log" || problems+=("failed-units")
-    local ready
-    ready=$(grep -a -o "$MARK unit=secondsite-targetd.service state=active/running ready_s=[0-9.]*" "$log" \
-        | sed 's/.*ready_s=//' | head -n 1 || true)
-    [ -n "$ready" ] || problems+=("targetd-not-ready")
-    grep -a -q "$MARK unit=secondsite-configd.service state=active/running" "$log" \
-        || problems+=("configd-not-ready")
-    grep -a -q "$MARK secondsitectl=ok" "$log" || problems+=("secondsitectl")
-    grep -a -q "$MARK setup1=ok" "$log" || problems+=("setup1")
-    grep -a -q "$MARK unit=secondsite-console.service state=active/running" "$log" \
-        || problems+=("console-not-running")
-    if [ -n "$ready" ] && kill -0 "$qpid" 2>/dev/null; then
-        if probe=$("$PY" -m tests.image.bootkit probe "$work/pki" "$port" --timeout 90); then
-            say "[$fw] targetd answers on 9442: $probe"
-        else
-            problems+=("targetd-no-tls")
+    has "reached multi-user.target" || problems+=("no-multi-user")
+    has "failed-units=none" || problems+=("failed-units")
+    has "setup1=ok" || problems+=("setup1")
+    has "unit=secondsite-console.service state=active/running" || problems+=("console-not-running")
+    has "tty1\| ." || problems+=("no-tty1-dump")
+    has "tty1-drawn=yes" || problems+=("console-never-drew-tty1")
+
+    local unit ready="" readiness=""
+    if [ "$scenario" = plain ]; then
+        # Nobody chose a role: no role daemon may run, and the console asks.
+        for unit in $ROLE_DAEMONS; do
+            ! has "unit=$unit state=active" || problems+=("role-daemon-running:$unit")
+        done
+        has "tty1\| .*Setup: " || problems+=("tty1-not-setup-screen")
+        readiness="no role daemon running"
+    else
+        has "hostname=$OVF_HOSTNAME\$" || problems+=("hostname-not-applied")
+        has "address: [^ ]+ $OVF_ADDRESS\$" || problems+=("address-not-applied")
+        has "role-target=secondsite-config.target enabled=enabled active=active" \
+            || problems+=("config-role-not-enabled")
+        has "role-target=secondsite-target.target enabled=enabled active=active" \
+            || problems+=("target-role-not-enabled")
+        has "unit=secondsite-configd.service state=active/running" || problems+=("configd-not-ready")
+        has "secondsitectl=ok" || problems+=("secondsitectl")
+        ready=$(grep -o -E "unit=secondsite-targetd.service state=active/running ready_s=[0-9.]+" \
+            <<<"$report" | sed 's/.*ready_s=//' | head -n 1 || true)
+        [ -n "$ready" ] || problems+=("targetd-not-ready")
+        # Boot time to "all role daemons ready": the last READY=1 of the running ones.
+        local last
+        last=$(grep -o -E "unit=secondsite-(configd|processd|targetd).service state=active/running ready_s=[0-9.]+" \
+            <<<"$report" | sed 's/.*ready_s=//' | sort -n | tail -n 1 || true)
+        readiness="all role daemons ready at ${last:-?}s guest uptime"
+        if [ -n "$ready" ] && kill -0 "$qpid" 2>/dev/null; then
+            if probe=$("$PY" -m tests.image.bootkit probe "$work/pki" "$port" --timeout 90); then
+                say "[$name] targetd answers on $guest_ip:9442: $probe"
+            else
+                problems+=("targetd-no-tls")
+            fi
         fi
     fi
 
@@ -138,13 +188,13 @@ boot() {
             sleep 1
         done
     fi
-    [ -n "$down" ] || say "[$fw] guest did not power off within 120 s; killing QEMU"
+    [ -n "$down" ] || say "[$name] guest did not power off within 120 s; killing QEMU"
     stop_qemu
 
     if [ ${#problems[@]} -eq 0 ]; then
-        summary+=("$fw: PASS, boot check after ${elapsed}s wall, targetd READY at ${ready}s guest uptime")
+        summary+=("$name: PASS, boot check after ${elapsed}s wall, $readiness")
     else
-        summary+=("$fw: FAIL (${problems[*]}) after ${elapsed}s; see $log")
+        summary+=("$name: FAIL (${problems[*]}) after ${elapsed}s; see $log")
         failures=$((failures + 1))
     fi
 }
@@ -178,8 +228,8 @@ check_ova() {
     rm -f "$work/bad.ova"
 }
 
-for fw in "${firmwares[@]}"; do
-    boot "$fw"
+for b in "${boots[@]}"; do
+    boot "$b"
 done
 check_ova
 

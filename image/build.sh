@@ -54,6 +54,10 @@ stage_tree() {
     bash image/install-units.sh "$STAGE"
     install -d -m 0755 "$STAGE/var/cache/secondsite/wheels"
     install -m 0644 "$WHEELS"/*.whl "$STAGE/var/cache/secondsite/wheels/"
+    # The agent bundles push installation copies to hosts (appliance/push/bundle.py;
+    # CPython 3.11-3.13 x86_64, ~17 MiB each), where the process server looks first.
+    "$PY" -m appliance.push.bundle build --out "$STAGE/usr/lib/secondsite/bundles" >&2 \
+        || die "building the agent bundles failed"
 }
 
 run_mkosi() {

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from textual import work
@@ -139,8 +141,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _log_away_from_the_screen() -> None:
+    """Textual draws on stderr, so a log record written there would scribble over the
+    screen: records go to syslog (the journal) when there is one, else nowhere."""
+    root = logging.getLogger()
+    if Path("/dev/log").is_socket():
+        handler: logging.Handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("secondsite-console: %(name)s: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    _log_away_from_the_screen()
     # No bus yet is not fatal: the dashboard says so and keeps trying.
     ConsoleApp(ThreadedClient(args.bus), refresh_s=args.refresh).run()
     return 0

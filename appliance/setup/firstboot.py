@@ -1,7 +1,10 @@
 """`secondsite-firstboot`: apply the vApp properties of the OVA once, at first boot.
 
-units/secondsite-firstboot.service runs it on VMware before systemd-networkd starts,
-so the `.network` file it writes is the one networkd reads. It goes through SetupCore,
+The OVF environment comes through either transport the OVF declares: VMware Tools
+(`guestinfo.ovfEnv`, only asked on VMware) or a CD-ROM holding `ovf-env.xml` (the ISO
+transport, read without mounting by `ovfiso`). units/secondsite-firstboot.service runs
+it in any VM before systemd-networkd starts, so the `.network` file it writes is the
+one networkd reads. It goes through SetupCore,
 exactly as the console does, and then writes the done-marker; the unit's
 ConditionPathExists=! and the check below make every later boot a no-op, so changes
 made on the console are never overwritten by the deployment's properties.
@@ -10,23 +13,25 @@ made on the console are never overwritten by the deployment's properties.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.daemon.cli import ConfigError, ExitCode, run_main
 from appliance.daemon.logs import setup_logging
-from appliance.setup import ovfenv
-from appliance.setup.core import SetupCore
-from appliance.setup.daemon import build_core
-from appliance.setup.errors import Failed, NotFound, SetupError
-from appliance.setup.ovfenv import OvfSettings
+from appliance.setup import ovfiso
 from appliance.storage.atomic import atomic_write
+
+# The setup core (pyroute2, dbus, asyncio) is imported only when there is something to
+# apply: on every boot without an environment this program must be done in a moment,
+# and those imports alone take tens of seconds under emulation.
+if TYPE_CHECKING:
+    from appliance.setup.core import SetupCore
+    from appliance.setup.ovfenv import OvfSettings
 
 PROG = "secondsite-firstboot"
 log = logging.getLogger("secondsite.firstboot")
@@ -34,12 +39,18 @@ STATE_DIR = Path("var/lib/secondsite/setup")  # under --root; the unit's StateDi
 DONE = STATE_DIR / "firstboot.done"
 VMTOOLSD_ARGS = ["--cmd", "info-get guestinfo.ovfEnv"]
 VMTOOLSD_TIMEOUT = 30.0
+DMI_VENDOR = Path("/sys/class/dmi/id/sys_vendor")
+# The ISO transport's drive is probed by udev's coldplug; wait for the queue, not longer.
+UDEV_SETTLE = ["udevadm", "settle", "--timeout=15"]
+SOURCES = ("auto", "guestinfo", "cdrom")
 
 DESCRIPTION = """\
 Applies the Secondsite OVA's deployment properties (hostname, role, network.mode,
 network.address, network.gateway, network.dns) once, at first boot. They are read from
-VMware Tools (vmtoolsd --cmd "info-get guestinfo.ovfEnv") or from --env-file. Without
-properties nothing changes and the console's setup screen asks instead.
+VMware Tools (vmtoolsd --cmd "info-get guestinfo.ovfEnv", on VMware only), else from
+ovf-env.xml on a CD-ROM (the OVF ISO transport; read from the device, never mounted),
+or from --env-file. Without properties nothing changes and the console's setup screen
+asks instead.
 """
 
 EPILOG = f"""\
@@ -62,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--env-file", type=Path, metavar="FILE",
                         help="read the OVF environment from FILE instead of vmtoolsd")  # fmt: skip
+    parser.add_argument(
+        "--source", choices=SOURCES, default="auto",
+        help="where the environment is: guestinfo (VMware Tools), cdrom (ovf-env.xml on "
+        "a CD-ROM), or auto (default): guestinfo on VMware, then the CD-ROM drives",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cdrom", type=Path, action="append", metavar="DEVICE",
+        help="a CD-ROM device or ISO image to look at (repeatable; default: every "
+        "/dev/sr* drive)",
+    )  # fmt: skip
     parser.add_argument("--root", type=Path, default=Path("/"),
                         help="prefix for /etc and /var paths (tests, image builds)")  # fmt: skip
     parser.add_argument(
@@ -90,10 +111,19 @@ def _main(argv: list[str] | None) -> int:
     if done.exists():
         log.info("first boot setup already done (%s): nothing to do", done)
         return ExitCode.OK
-    text = read_file(args.env_file) if args.env_file else read_vmtoolsd()
+    text = read_file(args.env_file) if args.env_file else read_environment(args)
     if not text.strip():
         log.info("no OVF properties: the console's setup screen will ask")
         return ExitCode.OK
+    return apply_environment(args, text, done)
+
+
+def apply_environment(args: argparse.Namespace, text: str, done: Path) -> int:
+    import asyncio
+
+    from appliance.setup import ovfenv
+    from appliance.setup.daemon import build_core
+
     try:
         settings = ovfenv.parse(text)
     except ovfenv.OvfEnvError as exc:
@@ -116,6 +146,52 @@ def read_file(path: Path) -> str:
         return path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def read_environment(args: argparse.Namespace) -> str:
+    """The OVF environment from guestinfo or a CD-ROM, per --source; "" if none."""
+    if args.source == "guestinfo" or (args.source == "auto" and on_vmware()):
+        text = read_vmtoolsd()
+        if text.strip() or args.source == "guestinfo":
+            return text
+    elif args.source == "auto":
+        log.info("not on VMware: no guestinfo to read")
+    return read_cdrom(args.cdrom)
+
+
+def on_vmware() -> bool:
+    try:
+        return DMI_VENDOR.read_text().strip().startswith("VMware")
+    except OSError:
+        return False
+
+
+def read_cdrom(devices: list[Path] | None) -> str:
+    """ovf-env.xml from the first CD-ROM that has one, or ""."""
+    if devices is None:
+        settle_udev()
+        devices = ovfiso.cdrom_devices()
+        if not devices:
+            log.info("no CD-ROM drive: no OVF environment on an ISO")
+            return ""
+    found = ovfiso.find_environment(devices)
+    if found is None:
+        log.info("no %s on %s", ovfiso.ENV_NAME, ", ".join(map(str, devices)))
+        return ""
+    device, text = found
+    log.info("OVF environment read from %s on %s", ovfiso.ENV_NAME, device)
+    return text
+
+
+def settle_udev() -> None:
+    """Let udev finish probing the drives the kernel found (bounded: UDEV_SETTLE)."""
+    program = shutil.which(UDEV_SETTLE[0])
+    if program is None:
+        return
+    try:
+        subprocess.run([program, *UDEV_SETTLE[1:]], capture_output=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        log.warning("udevadm settle did not return; looking at the drives found so far")
 
 
 def read_vmtoolsd() -> str:
@@ -149,6 +225,8 @@ async def apply(
     core: SetupCore, settings: OvfSettings, management: str | None
 ) -> tuple[list[str], list[str]]:
     """Apply what `settings` sets; (what was applied, one line per problem)."""
+    from appliance.setup.errors import SetupError
+
     problems = [str(e) for e in settings.errors]
     for problem in problems:
         log.error("OVF property %s", problem)
@@ -182,6 +260,8 @@ async def apply(
 
 
 async def management_interface(core: SetupCore, wanted: str | None, macs: tuple[str, ...]) -> str:
+    from appliance.setup.errors import Failed, NotFound
+
     records = await core.network()
     names = [str(r["name"]) for r in records]
     if wanted is not None:

@@ -5,6 +5,9 @@
     python -m tests.image.bootkit probe DIR PORT   TLS handshake with the guest's targetd
     python -m tests.image.bootkit qmp SOCKET CMD   one QMP command (system_powerdown, quit)
     python -m tests.image.bootkit free-port        a free TCP port on 127.0.0.1
+    python -m tests.image.bootkit ovf-iso ISO KEY=VALUE... [--mac MAC]
+                                                   an ISO 9660 image holding ovf-env.xml
+                                                   (the OVF ISO transport), by genisoimage
 
 How the TLS material reaches a guest that has not been enrolled: the systemd credential
 `tmpfiles.extra` (systemd 252 reads credentials from SMBIOS type 11 OEM strings, and
@@ -22,12 +25,14 @@ import json
 import shutil
 import socket
 import ssl
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tests.pki import Authority
+from tests.setup.ovfdoc import environment
 
 STATE = "/var/lib/secondsite/target"
 SERVER_NAME = "target.test"
@@ -123,6 +128,33 @@ def qmp(path: Path, command: str) -> int:
     return 0
 
 
+def ovf_iso(iso: Path, properties: list[str], macs: list[str]) -> int:
+    """What vSphere attaches for ovf:transport="iso": ovf-env.xml at the root of an ISO
+    9660 image (Rock Ridge and Joliet names, as genisoimage writes by default here)."""
+    values = {}
+    for item in properties:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"bootkit: ovf-iso: {item!r} is not KEY=VALUE", file=sys.stderr)
+            return 2
+        values[key] = value
+    program = shutil.which("genisoimage")
+    if program is None:
+        print("bootkit: genisoimage not found (hint: make image-deps)", file=sys.stderr)
+        return 1
+    content = iso.with_suffix(".d")
+    content.mkdir(parents=True, exist_ok=True)
+    (content / "ovf-env.xml").write_text(environment(values, tuple(macs)))
+    done = subprocess.run(
+        [program, "-quiet", "-r", "-J", "-V", "OVF ENV", "-o", str(iso), str(content)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        print(f"bootkit: genisoimage failed: {done.stderr.strip()}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -142,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("socket", type=Path)
     p.add_argument("qmp_command")
     sub.add_parser("free-port")
+    p = sub.add_parser("ovf-iso")
+    p.add_argument("iso", type=Path)
+    p.add_argument("properties", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--mac", action="append", default=[])
     args = parser.parse_args(argv)
     if args.command == "pki":
         make_pki(args.directory)
@@ -150,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return probe(args.directory, args.port, args.timeout)
     if args.command == "qmp":
         return qmp(args.socket, args.qmp_command)
+    if args.command == "ovf-iso":
+        return ovf_iso(args.iso, args.properties, args.mac)
     print(free_port())
     return 0
 

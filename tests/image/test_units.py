@@ -255,3 +255,25 @@ def test_role_daemons_belong_to_their_target() -> None:
             service = (UNITS / member).read_text()
             assert f"WantedBy={target.name}" in service, f"{member}: not WantedBy={target.name}"
             assert f"PartOf={target.name}" in service, f"{member}: not PartOf={target.name}"
+
+
+def test_roles_are_left_to_setup(tmp_path: Path) -> None:
+    """`systemctl preset-all` on the staged image enables no role target or daemon (setup
+    does, see appliance/setup/roles.py), but does enable first boot and the console."""
+    root = tmp_path / "root"
+    done = run(["bash", str(INSTALL_UNITS), str(root)])
+    assert done.returncode == 0, done.stderr
+    (root / "etc/systemd/system").mkdir(parents=True)
+    done = run([tool("systemctl"), f"--root={root}", "preset-all"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    enabled = {p.name for p in (root / "etc/systemd/system").rglob("secondsite-*")}
+    roles = {p.name for p in unit_files() if p.suffix == ".target"}
+    daemons = {
+        member
+        for target in roles
+        for line in re.findall(r"^Also=(.+)$", (UNITS / target).read_text(), re.MULTILINE)
+        for member in line.split()
+    }
+    assert roles and daemons
+    assert not enabled & (roles | daemons), sorted(enabled & (roles | daemons))
+    assert {"secondsite-firstboot.service", "secondsite-console.service"} <= enabled, enabled

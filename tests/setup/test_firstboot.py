@@ -3,7 +3,7 @@
 The apply tests run `secondsite-firstboot` as a program inside the veth fixture's
 network namespace (`ip netns exec`) and a UTS namespace of its own (`unshare --uts`),
 so it sets addresses, routes and the kernel hostname for real without touching the
-host's. Roles go to the systemd user instance of tests/setup/test_roles.py.
+host's. Roles go to the systemd user instance of tests/setup/user_systemd.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
 
 import pytest
 
@@ -23,11 +22,9 @@ from appliance.setup.firstboot import DONE
 from appliance.setup.network import Method
 from appliance.setup.roles import Role, Roles
 from appliance.setup.systemd import SystemdClient
-from tests.setup import test_roles
 from tests.setup.conftest import Veth
-
-# The fixture, not a copy: one systemd user instance recipe for every setup test.
-user_systemd = test_roles.user_systemd
+from tests.setup.ovfdoc import environment
+from tests.setup.user_systemd import UserSystemd
 
 STATIC = {
     "hostname": "DR01.example.com",
@@ -37,40 +34,6 @@ STATIC = {
     "network.gateway": "192.0.2.1",
     "network.dns": "192.0.2.53, 198.51.100.53",
 }
-
-
-def environment(properties: dict[str, str], macs: tuple[str, ...] = ("00:50:56:8a:3c:01",)) -> str:
-    """An OVF environment as vSphere 8 writes it to guestinfo.ovfEnv."""
-    props = "\n".join(
-        f"         <Property oe:key={quoteattr(k)} oe:value={quoteattr(v)}/>"
-        for k, v in properties.items()
-    )
-    adapters = "\n".join(
-        f'      <ve:Adapter ve:mac="{mac}" ve:network="DR-Management" ve:unitNumber="{7 + i}"/>'
-        for i, mac in enumerate(macs)
-    )
-    return f"""<?xml version="1.0" encoding="UTF-8"?>
-<Environment
-     xmlns="http://schemas.dmtf.org/ovf/environment/1"
-     xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
-     xmlns:oe="http://schemas.dmtf.org/ovf/environment/1"
-     xmlns:ve="http://www.vmware.com/schema/ovfenv"
-     oe:id=""
-     ve:vCenterId="vm-1042">
-   <PlatformSection>
-      <Kind>VMware ESXi</Kind>
-      <Version>8.0.2</Version>
-      <Vendor>VMware, Inc.</Vendor>
-      <Locale>en</Locale>
-   </PlatformSection>
-   <PropertySection>
-{props}
-   </PropertySection>
-   <ve:EthernetAdapterSection>
-{adapters}
-   </ve:EthernetAdapterSection>
-</Environment>
-"""
 
 
 # -- parsing ---------------------------------------------------------------------------
@@ -184,15 +147,19 @@ def test_no_properties_changes_nothing(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     path = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
-    done = firstboot("--root", str(root), env=path)  # no vmtoolsd at all
+    done = firstboot("--root", str(root), "--source", "guestinfo", env=path)  # no vmtoolsd
     assert done.returncode == 0, done.stderr
     assert "vmtoolsd is not installed" in done.stderr
     # vmtoolsd on a VM deployed without vApp options.
     fake = bin_dir / "vmtoolsd"
     fake.write_text("#!/bin/sh\necho 'No value found' >&2\nexit 1\n")
     fake.chmod(0o755)
-    done = firstboot("--root", str(root), env=path)
+    done = firstboot("--root", str(root), "--source", "guestinfo", env=path)
     assert done.returncode == 0 and "No value found" in done.stderr, done.stderr
+    # Neither transport: not VMware (no DMI vendor here), and an empty CD-ROM drive.
+    done = firstboot("--root", str(root), "--cdrom", str(tmp_path / "sr0"), env=path)
+    assert done.returncode == 0, done.stderr
+    assert "not on VMware" in done.stderr and "no medium" in done.stderr, done.stderr
     empty = tmp_path / "empty.xml"
     empty.write_text("\n")
     done = firstboot("--root", str(root), "--env-file", str(empty))
@@ -212,7 +179,7 @@ def test_not_an_environment_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.root
 @pytest.mark.timeout(120)
-def test_applies_everything_once(veth: Veth, user_systemd: test_roles.UserSystemd,
+def test_applies_everything_once(veth: Veth, user_systemd: UserSystemd,
                                  tmp_path: Path) -> None:  # fmt: skip
     if not shutil.which("ip"):
         pytest.skip("needs ip(8) for ip netns exec")
