@@ -12,22 +12,33 @@ chunk (24 bytes per 64 KiB) plus the changed chunks, not the disk.
 
 Refused, before anything is written: a disk that is mounted at all (even read-only: a
 filesystem's cached view of a device rewritten underneath it is wrong, and the kernel
-may write it back), and a replica whose durable sequence is 0 (it never received
-anything: OPEN_DISK may just have created it empty, and "failing back" from it would
-wipe the disk).
+may write it back), here or in any other mount namespace, and a replica whose durable
+sequence is 0 (it never received anything: an older master target's OPEN_DISK may
+have created it empty, and "failing back" from it would wipe the disk).
+
+A mount namespace made while the disk was mounted (a container, a service with private
+mounts) keeps its filesystem alive after the umount here; mounting the disk again then
+shares that filesystem and its cache, which shows a file rewritten in place by the
+failback as it was before. Only an exclusive open (O_EXCL on a block device: EBUSY
+while anything holds it) sees such a holder; each disk's failback holds that claim
+from its comparison to its last write, so nothing mounts the disk meanwhile.
 
 The connection goes straight to the master target (the agent's certificate is signed
-by the CA it trusts). Opening a disk there takes its stream over from the process
-server, which is fine: replication of this machine is stopped while it fails back.
+by the CA it trusts), as a failback reader (`appliance.target.roles.FAILBACK_ROLE`):
+the target lets it open only a replica a failover fenced, and beside the process
+server's stream rather than taking it over. (A takeover cut the process server's
+connection; its reconnect opened the disk again and cut this one, failing the failback.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import os
 import ssl
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +51,7 @@ from agent.replicator_disk import split
 from agent.resync import compare
 from agent.trackers.base import CHUNK, DirtyMap
 from appliance.settings import parse_host_port
+from appliance.target.roles import FAILBACK_ROLE
 from appliance.wire.connection import Connection, open_connection
 from appliance.wire.errors import ConnectionClosed, ProtocolViolation, WireError
 from appliance.wire.messages import (
@@ -112,6 +124,29 @@ class FailbackResult:
         }
 
 
+def check_unclaimed(path: Path) -> None:
+    """FailbackRefused if the kernel holds block device `path` exclusively although
+    nothing is mounted here (see the module docstring)."""
+    try:
+        os.close(_open_exclusive(path, os.O_RDONLY))
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        raise FailbackRefused(
+            f"{path} is in use though not mounted here: a filesystem on it is still "
+            "mounted in another mount namespace (a container, a service with private "
+            "mounts), or device-mapper, md or swap holds it; failback overwrites it",
+            hint="find the holder (e.g. grep the device in /proc/*/mountinfo), stop it, and retry",
+        ) from None
+
+
+def _open_exclusive(path: Path, flags: int) -> int:
+    """Open `path`; a block device exclusively (O_EXCL: EBUSY while mounted anywhere or
+    otherwise claimed, and no mount can claim it while we hold it)."""
+    exclusive = os.O_EXCL if stat.S_ISBLK(os.stat(path).st_mode) else 0
+    return os.open(path, flags | exclusive | os.O_CLOEXEC)
+
+
 def check_unused(disk: Disk, fresh: Callable[[Disk], Disk] = refresh) -> None:
     """FailbackRefused if anything on `disk` (itself, a partition, a device above) is
     mounted now."""
@@ -146,7 +181,7 @@ class TargetReader:
         host, port = parse_host_port(address)
         conn = await open_connection(host, port, ssl_context, server_hostname=host)
         try:
-            await conn.send(Hello("agent", machine_id))
+            await conn.send(Hello(FAILBACK_ROLE, machine_id))
             welcome = await asyncio.wait_for(conn.recv(), OPEN_TIMEOUT)
             if not isinstance(welcome, Welcome):
                 raise ProtocolViolation(f"expected WELCOME, got {type(welcome).__name__}")
@@ -255,12 +290,13 @@ async def _disk(reader: TargetReader, disk: FailbackDisk, chunk: int) -> DiskOut
         call = reader.digests(disk.disk_id, chunk, chunks)
         return asyncio.run_coroutine_threadsafe(call, loop).result()
 
-    everything = DirtyMap.full(disk.size, chunk)
-    differ = (await asyncio.to_thread(compare, disk.path, everything, remote)).differ
-    outcome = DiskOutcome(disk.disk_id, disk.size, everything.count, differ.count)
-    log.info("failback %s: %d of %d chunks differ", disk.disk_id, differ.count, everything.count)
-    fd = os.open(disk.path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = _open_exclusive(disk.path, os.O_WRONLY)
     try:
+        everything = DirtyMap.full(disk.size, chunk)
+        differ = (await asyncio.to_thread(compare, disk.path, everything, remote)).differ
+        outcome = DiskOutcome(disk.disk_id, disk.size, everything.count, differ.count)
+        log.info("failback %s: %d of %d chunks differ", disk.disk_id, differ.count,
+                 everything.count)  # fmt: skip
 
         async def fetch(offset: int, length: int) -> None:
             reply = await reader.read(disk.disk_id, offset, length)
@@ -310,6 +346,7 @@ async def run(
     master target at `address`: checked unused first, then made equal to the replicas."""
     for disk, _ in disks:
         await asyncio.to_thread(check_unused, disk)
+        await asyncio.to_thread(check_unclaimed, disk.path)
     reader = await TargetReader.connect(address, ssl_context, machine_id)
     try:
         return await failback(

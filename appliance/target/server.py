@@ -18,6 +18,13 @@ it (pings and DATA keep flowing), but a connection has at most
 `MAX_DIGESTS_IN_FLIGHT` requests queued: beyond that, reading waits for a slot.
 A READ_REQUEST (failback: the original machine fetches the replica's bytes) takes the
 same path and shares those slots, so it too sees everything sent before it.
+
+A failback reader (HELLO role `roles.FAILBACK_ROLE`) does not own the disk: it may open
+only a fenced (failed-over) replica, beside the stream's owner, and only digest and read
+it. Taking the stream over instead would cut the process server's connection, whose
+reconnect opens every disk again and takes this one back from the reader, failing the
+failback; and while the disk is fenced nothing the owner sends reaches the replica, so
+the reads see it as the VM left it. A read that finds the disk unfenced fails.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any
 
 from appliance.target.digests import replica_digests
 from appliance.target.errors import TargetError
+from appliance.target.roles import FAILBACK_ROLE
 from appliance.target.store import DiskReplica, ReplicaStore
 from appliance.wire.connection import Connection, ConnectionState
 from appliance.wire.errors import (
@@ -112,6 +120,7 @@ class _DigestJob:
 
     request: DigestRequest | ReadRequest
     done: asyncio.Future[Reply]
+    reader: bool = False  # from a failback reader: only while the disk is fenced
     reply: Reply | None = None
     error: WireError | None = None
 
@@ -140,6 +149,7 @@ class DiskStream:
     executor: ThreadPoolExecutor
     on_failure: Callable[[DiskStream, WireError], None]
     owner: Connection | None = None
+    readers: set[Connection] = field(default_factory=set)  # failback readers
     received_seq: int = 0
     acked_seq: int = 0
     stats: DiskStats = field(default_factory=DiskStats)
@@ -183,6 +193,15 @@ class DiskStream:
     def detach(self, conn: Connection) -> None:
         if self.owner is conn:
             self.owner = None
+        self.readers.discard(conn)
+
+    def add_reader(self, conn: Connection) -> int:
+        """Let failback reader `conn` digest and read the replica beside its owner (see
+        the module docstring); the durable sequence."""
+        if not self.replica.fenced:
+            raise InvalidRequest(_not_fenced(self.disk_id))
+        self.readers.add(conn)
+        return self.replica.durable_seq
 
     async def settle(self) -> None:
         """Wait until everything queued is applied, then checkpoint it."""
@@ -215,7 +234,9 @@ class DiskStream:
     ) -> asyncio.Future[Reply]:
         """Queue a digest or read request behind everything `conn` sent before it; the
         future gives the reply (or a WireError if the stream failed first)."""
-        self._check_owner(conn)
+        reader = conn in self.readers
+        if not reader:
+            self._check_owner(conn)
         if isinstance(request, ReadRequest):
             if request.offset + request.length > self.replica.size:
                 raise InvalidRequest(
@@ -225,7 +246,7 @@ class DiskStream:
             self.stats.reads += 1
         else:
             self.stats.digest_requests += 1
-        job = _DigestJob(request, asyncio.get_running_loop().create_future())
+        job = _DigestJob(request, asyncio.get_running_loop().create_future(), reader)
         self._idle.clear()
         self._queue.put_nowait(job)
         return job.done
@@ -347,6 +368,9 @@ class DiskStream:
         req = job.request
         replica = self.replica
         with replica.maintenance():
+            if job.reader and not replica.fenced:  # unfenced since it opened: writes apply
+                job.error = InvalidRequest(_not_fenced(self.disk_id))
+                return
             replica.checkpoint()
             try:
                 if isinstance(req, ReadRequest):
@@ -416,6 +440,13 @@ def _check_extent(size: int, msg: Data) -> None:
         raise MalformedBody(f"payload is {len(msg.payload)} bytes, length says {msg.length}")
 
 
+def _not_fenced(disk_id: str) -> str:
+    return (
+        f"disk {disk_id} is not failed over (not fenced): a failback reads only a replica "
+        "that a failover rolled back"
+    )
+
+
 def _as_wire_error(exc: BaseException) -> WireError:
     if isinstance(exc, WireError):
         return exc
@@ -454,6 +485,7 @@ class TargetService:
         if not isinstance(hello, Hello):
             raise ProtocolViolation(f"expected HELLO, got {type(hello).__name__}")
         log.info("%s connected as %s %r", conn.peer, hello.role, hello.name)
+        reader = hello.role == FAILBACK_ROLE
         await conn.send(Welcome(self.name, self.window_bytes, MAX_BODY))
         self.connections += 1
         owned: list[DiskStream] = []
@@ -474,8 +506,11 @@ class TargetService:
                     reply = stream.digest(conn, msg)
                     self._spawn(self._send_digests(conn, reply, digest_slots))
                 elif isinstance(msg, OpenDisk):
-                    stream = await self._open(msg)
-                    durable = await stream.attach(conn)
+                    stream = await self._open(msg, create=not reader)
+                    if reader:
+                        durable = stream.add_reader(conn)
+                    else:
+                        durable = await stream.attach(conn)
                     owned.append(stream)
                     await conn.send(DiskOpened(msg.disk_id, durable, stream.replica.size))
                 elif isinstance(msg, Ping):
@@ -514,7 +549,9 @@ class TargetService:
         finally:
             slots.release()
 
-    async def _open(self, msg: OpenDisk) -> DiskStream:
+    async def _open(self, msg: OpenDisk, *, create: bool = True) -> DiskStream:
+        """The disk's stream; its replica is created if new, unless not `create` (a
+        reader: an empty replica has nothing to read, and must not appear)."""
         stream = self._streams.get(msg.disk_id)
         if stream is not None:
             if stream.replica.size != msg.size or stream.replica.machine_id != msg.machine_id:
@@ -523,10 +560,15 @@ class TargetService:
                     f"{stream.replica.machine_id}, not {msg.size} of {msg.machine_id}"
                 )
             return stream
+        loop = asyncio.get_running_loop()
+        if not create:
+            try:
+                await loop.run_in_executor(self._control, self.store.disk, msg.disk_id)
+            except TargetError as exc:
+                raise InvalidRequest(str(exc)) from None
         executor = self._executors.setdefault(
             msg.disk_id, ThreadPoolExecutor(1, thread_name_prefix=f"apply-{msg.disk_id}")
         )
-        loop = asyncio.get_running_loop()
         try:
             replica = await loop.run_in_executor(
                 executor, self.store.open_disk, msg.disk_id, msg.machine_id, msg.size
