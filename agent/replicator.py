@@ -44,6 +44,7 @@ from agent.errors import AgentError
 from agent.replicator_disk import AckRelay, DiskRun, Progress, batches, split
 from agent.resync import RemoteDigests, differing_chunks
 from agent.state import load, save
+from agent.trackers.base import CHUNK as DIGEST_CHUNK
 from agent.trackers.base import DirtyMap, Tracker
 from appliance.wire.messages import Data, Tag, TagKind
 from appliance.wire.sender import StreamSender
@@ -400,6 +401,13 @@ class Replicator:
             run.pending_merge(ranges)
             run.resent_chunks += ranges.count
             return
+        if ranges.chunk != DIGEST_CHUNK:
+            # The remote digests are of DIGEST_CHUNK pieces (agent.remote): local digests
+            # of other sizes would never match them, and everything would be sent again.
+            fine = DirtyMap(ranges.size, DIGEST_CHUNK)
+            for offset, length in ranges.extents():
+                fine.mark(offset, length)
+            ranges = fine
         differ = await asyncio.to_thread(
             differing_chunks, run.disk.path, ranges, self._remote_digests(run.disk_id)
         )

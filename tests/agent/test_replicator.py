@@ -248,6 +248,53 @@ def test_initial_copy_resumes_after_a_restart(
     uvloop.run(second_run())
 
 
+def test_a_requested_resync_of_a_disk_in_step_sends_nothing(
+    sites: tuple[RoleDaemon, RoleDaemon],
+    disk: tuple[Disk, Path],
+    tls: TlsMaterial,
+    tmp_path: Path,
+) -> None:
+    """The configuration server's resync (after a failback, or `secondsitectl resync`)
+    compares the whole disk by digest: a replica in step gets nothing sent again. With
+    the replicator's 1 MiB chunks compared against the target's 64 KiB digests, every
+    chunk used to differ and the whole disk went out again."""
+    process, _ = sites
+    source, mnt = disk
+    write_file(mnt, "data", 16 << 20)
+
+    async def run() -> None:
+        acks = AckRelay()
+        sender = make_sender(process, tls, acks)
+        rep = Replicator(
+            [source], sender, TracefsTracker, tmp_path / "agent", machine_id=MACHINE,
+            acks=acks, tag_interval=0.5, freeze_timeout=5.0,
+            remote_digests=stream_digests(sender, asyncio.get_running_loop()),
+        )  # fmt: skip
+        (disk_id,) = rep.disk_ids
+        await sender.start()
+        await rep.start()
+        await rep.wait_initial(timeout=60)
+        async with asyncio.timeout(30):
+            while not rep.tags(disk_id):
+                await asyncio.sleep(0.05)
+        before = rep.status()[disk_id]
+        rep.request_resync(1)
+        async with asyncio.timeout(60):
+            while rep.resync_done < 1:
+                await asyncio.sleep(0.05)
+        after = rep.status()[disk_id]
+        await rep.stop()
+        await sender.close()
+        print("before", before, "after", after)
+        checked = after["resync_checked_chunks"] - before["resync_checked_chunks"]
+        assert checked == source.size // (64 << 10)  # every 64 KiB chunk compared
+        assert after["resent_chunks"] == before["resent_chunks"]
+        # Only what the tags' freezes rewrote (ext4's superblock), never the 16 MiB file.
+        assert after["bytes_sent"] - before["bytes_sent"] < 1 << 20
+
+    uvloop.run(run())
+
+
 def test_untagged_rounds_under_a_tiny_budget_then_a_point_when_quiet(
     sites: tuple[RoleDaemon, RoleDaemon],
     disk: tuple[Disk, Path],
