@@ -141,7 +141,10 @@ def fill(directory: Path, leave: int) -> Path:
     filler = directory / "filler.bin"
     stat = os.statvfs(directory)
     size = stat.f_bavail * stat.f_frsize - leave
-    subprocess.run(["fallocate", "-l", str(size), str(filler)], check=True)
+    if size > 0:
+        subprocess.run(["fallocate", "-l", str(size), str(filler)], check=True)
+    else:  # already fuller than asked (the replica and its journal live here too)
+        filler.touch()
     return filler
 
 
