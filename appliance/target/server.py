@@ -484,7 +484,10 @@ class TargetService:
         hello = await conn.recv()
         if not isinstance(hello, Hello):
             raise ProtocolViolation(f"expected HELLO, got {type(hello).__name__}")
-        log.info("%s connected as %s %r", conn.peer, hello.role, hello.name)
+        # The configuration server's control calls (status polls every few seconds)
+        # would drown the log at INFO; data connections are worth a line.
+        level = logging.DEBUG if hello.role == "admin" else logging.INFO
+        log.log(level, "%s connected as %s %r", conn.peer, hello.role, hello.name)
         reader = hello.role == FAILBACK_ROLE
         await conn.send(Welcome(self.name, self.window_bytes, MAX_BODY))
         self.connections += 1
