@@ -362,6 +362,8 @@ class Config1(ContractObject):
         )
         self._submit(reply, error, work, _record)
 
+    # PushInstall and PushUninstall: root and the secondsite group (the console).
+
     @dbus.service.method(INTERFACE, in_signature="sa{sv}", out_signature="s", **_ASYNC)
     def PushInstall(
         self, host: str, options: dict[Any, Any], reply: Reply, error: ErrorReply

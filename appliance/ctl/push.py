@@ -1,6 +1,7 @@
 """secondsitectl push-install / push-uninstall: a process server installs (removes) the
 agent on a host over SSH. The key's text or the password travels in the D-Bus call
-(root only) and is held in memory by the configuration server for the job only."""
+(root and the secondsite group, for the console) and is held in memory by the
+configuration server for the job only."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ screens are under test here, the real server is in test_console_configd.py."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -59,11 +60,13 @@ class FakeClient:
             {"state": "running", "step": "initial-sync", "percent": 60.0},
             {"state": "succeeded", "step": "done", "percent": 100.0},
         ]
+        self.job_kind = "protect"
+        self.job_subject = "web1"
         self._job_iter: Iterator[dict[str, Any]] | None = None
         self.closed = False
 
     async def call(self, method: str, *args: Any) -> Any:
-        self.calls.append((method, args))
+        self.calls.append((method, copy.deepcopy(args)))  # as sent: the caller may clear them
         if method in self.fail:
             raise self.fail[method]
         return getattr(self, f"_{method}")(*args)
@@ -128,7 +131,15 @@ class FakeClient:
     _Protect = _Unprotect = _Resync = _TestFailover = _Cleanup = _job
     _Failover = _Commit = _Cancel = _job
 
+    def _PushInstall(self, host: str, options: dict[str, Any]) -> str:
+        self.job_kind, self.job_subject = "push-install", f"push:{host}"
+        return self._job()
+
+    def _PushUninstall(self, host: str, options: dict[str, Any]) -> str:
+        self.job_kind, self.job_subject = "push-uninstall", f"push:{host}"
+        return self._job()
+
     def _GetJob(self, job: str) -> dict[str, Any]:
         assert self._job_iter is not None, "GetJob before any job was started"
         step = next(self._job_iter, self.job_states[-1])
-        return {"id": job, "kind": "protect", "subject": "web1", **step}
+        return {"id": job, "kind": self.job_kind, "subject": self.job_subject, **step}

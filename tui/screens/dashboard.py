@@ -24,6 +24,7 @@ from appliance.ctl.render import fmt_count, fmt_duration, fmt_rate, fmt_text
 from tui.client import ConsoleClient, describe, record, records
 from tui.history import History
 from tui.screens.machine import MachineScreen
+from tui.screens.push import PushScreen
 from tui.widgets.alerts_list import AlertsList
 from tui.widgets.error_line import ErrorLine
 from tui.widgets.machines_table import EXCEEDED, MachinesTable, rpo_exceeded
@@ -78,6 +79,7 @@ class DashboardScreen(Screen[None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("g", "refresh_now", "Refresh"),
+        Binding("i", "install_agent", "Install agent"),
     ]
 
     @dataclass
@@ -118,7 +120,8 @@ class DashboardScreen(Screen[None]):
         yield ServersTable(id="servers")
         yield AlertsList(id="alerts")
         yield Static(
-            "Enter: machine  g: refresh  s: services  w: setup  ?: help  q: quit", id="keys"
+            "Enter machine  i install agent  g refresh  s services  w setup  ? help  q quit",
+            id="keys",
         )
 
     def on_mount(self) -> None:
@@ -127,6 +130,9 @@ class DashboardScreen(Screen[None]):
 
     def action_refresh_now(self) -> None:
         self.poll()
+
+    def action_install_agent(self) -> None:
+        self.app.push_screen(PushScreen(self.client, self.poll_s), lambda _: self.poll())
 
     def poll(self) -> None:
         if not self._busy:

@@ -1,9 +1,14 @@
-"""Follows one job by polling GetJob until it has finished; leaving does not stop it."""
+"""Follows one job by polling GetJob until it has finished; leaving does not stop it.
+
+Dismissed with the last record seen (None before the first answer), so a wizard can
+act on how its job ended (a push job's first contact asks for the host key).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from textual import work
 from textual.app import ComposeResult
@@ -19,7 +24,7 @@ from tui.widgets.job_progress import FINISHED, JobProgress
 RETRY_S = 2.0  # after a failed poll: the server may be restarting
 
 
-class JobScreen(Screen[None]):
+class JobScreen(Screen[dict[str, Any] | None]):
     DEFAULT_CSS = """
     JobScreen > Vertical { padding: 1 2; }
     JobScreen #keys { margin-top: 1; }
@@ -27,11 +32,20 @@ class JobScreen(Screen[None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter,q", "back", "Back")]
 
-    def __init__(self, client: ConsoleClient, job_id: str, poll_s: float) -> None:
+    def __init__(
+        self,
+        client: ConsoleClient,
+        job_id: str,
+        poll_s: float,
+        *,
+        leave_when: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> None:
         super().__init__()
         self.client = client
         self.job_id = job_id
         self.poll_s = poll_s
+        self.leave_when = leave_when  # a finished job the caller takes over at once
+        self.job: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -58,8 +72,12 @@ class JobScreen(Screen[None]):
                 await asyncio.sleep(RETRY_S)
                 continue
             error.show_error(None)
+            self.job = job
             progress.post_message(JobProgress.Update(job))
             if job.get("state") in FINISHED:
+                if self.leave_when is not None and self.leave_when(job):
+                    self.dismiss(job)
+                    return
                 self.query_one("#keys", Static).update(
                     f"Job {job.get('state')}. Esc or Enter: back"
                 )
@@ -67,4 +85,4 @@ class JobScreen(Screen[None]):
             await asyncio.sleep(self.poll_s)
 
     def action_back(self) -> None:
-        self.dismiss(None)
+        self.dismiss(self.job)

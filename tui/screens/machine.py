@@ -2,7 +2,8 @@
 
 Each action goes through ConfirmScreen (what will happen, which point), then calls
 its Config1 method and follows the job on JobScreen. A refusal (the server's error
-message) shows on this screen's error line.
+message) shows on this screen's error line. Removing the agent needs SSH credentials:
+it goes through PushScreen's form instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tui.actions import ACTIONS, BY_KIND, Action, ActionKind
 from tui.client import ConsoleClient, describe, record, records
 from tui.screens.confirm import Confirmed, ConfirmScreen
 from tui.screens.job import JobScreen
+from tui.screens.push import PushScreen
 from tui.widgets.disks_table import DisksTable
 from tui.widgets.error_line import ErrorLine
 from tui.widgets.events_table import EventsTable
@@ -63,6 +65,7 @@ class MachineScreen(Screen[None]):
         Binding("2", "view('points')", "Points"),
         Binding("3", "view('events')", "Events"),
         *(Binding(a.key, f"run('{a.kind}')", a.title) for a in ACTIONS),
+        Binding("a", "remove_agent", "Remove agent"),
     ]
 
     def __init__(
@@ -77,6 +80,7 @@ class MachineScreen(Screen[None]):
         # A refused action stays said until the next action; refreshes come and go.
         self._action_error: str | None = None
         self._refresh_errors: list[str] = []
+        self.hostname = machine  # the machine record's, once read: where its agent runs
 
     def compose(self) -> ComposeResult:
         yield Static(f"Machine {self.machine}", id="title", markup=False)
@@ -88,8 +92,9 @@ class MachineScreen(Screen[None]):
             yield PointsTable(id="points")
             yield EventsTable(id="events")
         actions = [f"{a.key} {a.title.lower()}" for a in ACTIONS]
+        # The views line above numbers the views (1-3): no room for them here.
         yield Static(
-            "  ".join(actions[:5]) + "\n" + "  ".join([*actions[5:], "1-3 view", "Esc back"]),
+            "  ".join(actions[:5]) + "\n" + "  ".join([*actions[5:], "a remove agent", "Esc back"]),
             id="keys",
         )
 
@@ -153,6 +158,7 @@ class MachineScreen(Screen[None]):
         machine = await ask("GetMachine", self.machine)
         if machine is not None:
             self.query_one("#details", Static).update(details(record(machine)))
+            self.hostname = str(record(machine).get("hostname") or self.machine)
         disks = await ask("ListDisks", self.machine)
         if disks is not None:
             self.query_one(DisksTable).update_disks(records(disks))
@@ -173,6 +179,15 @@ class MachineScreen(Screen[None]):
                 self.start(action, choice)
 
         self.app.push_screen(ConfirmScreen(action, self.machine), confirmed)
+
+    def action_remove_agent(self) -> None:
+        def closed(removed: bool | None) -> None:
+            if removed:  # the machine is gone from the inventory: nothing left to show
+                self.dismiss(None)
+
+        remove = PushScreen(self.client, self.poll_s, install=False, host=self.hostname,
+                            machine=self.machine)  # fmt: skip
+        self.app.push_screen(remove, closed)
 
     @work(group="action")
     async def start(self, action: Action, choice: Confirmed) -> None:

@@ -1,4 +1,5 @@
-"""One job followed to its end: state, step, an ASCII progress bar, the error if any.
+"""One job followed to its end: state, step, an ASCII progress bar, the step's detail
+line and the error if any.
 
 Updates arrive as `JobProgress.Update` messages, one per GetJob poll; a newer one
 replaces an older one still waiting in the queue (`can_replace`), so a slow screen
@@ -70,6 +71,11 @@ class JobProgress(Widget):
         style = "bold reverse" if marker else "bold"
         text.append(f"{marker}{state.upper()}", style=style)
         text.append(f"  {fmt_text(job.get('step'))}")
+        # What the step is doing now, when the job says (a push job: each remote step).
+        result = job.get("result")
+        detail = result.get("detail") if isinstance(result, dict) else None
+        if detail:
+            text.append(f"\nDetail: {fmt_text(detail)}")
         if job.get("error"):
             text.append(f"\nError: {fmt_text(job.get('error'))}")
         return text
