@@ -364,6 +364,8 @@ def test_offer_of_the_wizard_until_the_appliance_is_set_up(setupd: str, tmp_path
             await until(pilot, lambda: isinstance(app.screen, SetupScreen), timeout=15)
             # Over the dashboard: Esc leads there.
             assert isinstance(app.screen_stack[-2], DashboardScreen)
+            # The screen is current before its widgets are all in the DOM.
+            await until(pilot, lambda: bool(app.screen.query("#hostname-input")), timeout=15)
             hostname = app.screen.query_one("#hostname-input")
             await until(pilot, lambda: hostname.value != "", timeout=15)  # type: ignore[attr-defined]
             await pilot.press("f4")

@@ -322,7 +322,13 @@ class SetupScreen(Screen[bool]):
         return [s for s in STEPS if s != "register" or needs_registration(wanted)]
 
     def _wanted_roles(self) -> set[str]:
-        return {n for n in ROLE_NAMES if self.query_one(f"#role-{n}", AsciiCheckbox).value}
+        # query, not query_one: on a loaded machine the first step can be drawn before
+        # the (hidden) roles step's checkboxes are in the DOM; none there = none wanted.
+        return {
+            n
+            for n in ROLE_NAMES
+            if any(box.value for box in self.query(f"#role-{n}").results(AsciiCheckbox))
+        }
 
     def _show_step(self) -> None:
         bar = [
