@@ -60,6 +60,19 @@ class Site:
         assert done.returncode == 0, done.stderr
         assert "enrolled" in done.stdout
 
+    def servers(self, datastore: Path) -> tuple[RoleDaemon, RoleDaemon]:
+        """An enrolled master target keeping its replicas in `datastore` and an enrolled
+        process server forwarding to it, both started: (target, process)."""
+        target = self.role("target", "appliance.target",
+                           f'[storage]\ndatastore = "{datastore}"\n')  # fmt: skip
+        self.enrol(target)
+        target.start()
+        process = self.role("process", "appliance.process",
+                            f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
+        self.enrol(process)
+        process.start()
+        return target, process
+
     def agent(self, device: Path, name: str = "web1") -> subprocess.Popen[bytes]:
         state = self.tmp / f"agent-{name}"
         config = self.tmp / f"agent-{name}.toml"

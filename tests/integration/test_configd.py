@@ -25,14 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.slow]
 
 
 def test_enrol_protect_rpo_and_alert_cycle(site: Site, tmp_path: Path) -> None:
-    target = site.role("target", "appliance.target",
-                       f'[storage]\ndatastore = "{tmp_path / "datastore"}"\n')  # fmt: skip
-    site.enrol(target)
-    target.start()
-    process = site.role("process", "appliance.process",
-                        f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
-    site.enrol(process)
-    process.start()
+    target, _process = site.servers(tmp_path / "datastore")
     servers = site.wait("both servers reporting", lambda: [
         s for s in site.ctl_json("servers") if s["connected"]] if len([
         s for s in site.ctl_json("servers") if s["connected"]]) == 2 else None)  # fmt: skip
@@ -76,14 +69,7 @@ def test_enrol_protect_rpo_and_alert_cycle(site: Site, tmp_path: Path) -> None:
 
 
 def test_configd_killed_mid_protect_job_finishes_it_once(site: Site, tmp_path: Path) -> None:
-    target = site.role("target", "appliance.target",
-                       f'[storage]\ndatastore = "{tmp_path / "datastore"}"\n')  # fmt: skip
-    site.enrol(target)
-    target.start()
-    process = site.role("process", "appliance.process",
-                        f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
-    site.enrol(process)
-    process.start()
+    site.servers(tmp_path / "datastore")
     with loop_ext4(tmp_path, 32) as (device, _):
         # Enrolment starts the job; it waits for the agent, which is not running yet.
         state = tmp_path / "agent-web2"
@@ -129,14 +115,7 @@ def test_revoking_an_agent_cuts_it_off_everywhere(site: Site, tmp_path: Path) ->
     from appliance.config.model import ComponentKind
     from appliance.lab.rpc import call
 
-    target = site.role("target", "appliance.target",
-                       f'[storage]\ndatastore = "{tmp_path / "datastore"}"\n')  # fmt: skip
-    site.enrol(target)
-    target.start()
-    process = site.role("process", "appliance.process",
-                        f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
-    site.enrol(process)
-    process.start()
+    _target, process = site.servers(tmp_path / "datastore")
     ca = CertificateAuthority.open_or_create(site.configd.state_dir / "ca")
     cert, key = ca.issue_local("test-admin", ComponentKind.ADMIN, [], tmp_path / "admin")
     creds = (cert, key, ca.ca_path)

@@ -50,13 +50,7 @@ def differing_chunks(a: Path, b: Path) -> int:
 def test_failback_sends_what_changed_not_the_disk(site: Site, tmp_path: Path, vcsim: Vcsim) -> None:
     inv = inventory(vcsim)
     datastore = Path(next(d.url for d in inv.datastores if d.name == "LocalDS_0"))
-    target = site.role("target", "appliance.target", f'[storage]\ndatastore = "{datastore}"\n')
-    site.enrol(target)
-    target.start()
-    process = site.role("process", "appliance.process",
-                        f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
-    site.enrol(process)
-    process.start()
+    _target, process = site.servers(datastore)
     password = tmp_path / "vc.pass"
     password.write_text(vcsim.password + "\n")
     site.ctl("vcenter-add", "vc-dr", f"{vcsim.host}:{vcsim.port}", "--user", vcsim.user,

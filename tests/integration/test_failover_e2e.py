@@ -67,13 +67,7 @@ def shape(inv: VInventory) -> tuple[list[str], list[str]]:
 def test_drill_on_vcsim(site: Site, tmp_path: Path, vcsim: Vcsim) -> None:
     inv = inventory(vcsim)
     datastore = Path(next(d.url for d in inv.datastores if d.name == "LocalDS_0"))
-    target = site.role("target", "appliance.target", f'[storage]\ndatastore = "{datastore}"\n')
-    site.enrol(target)
-    target.start()
-    process = site.role("process", "appliance.process",
-                        f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
-    site.enrol(process)
-    process.start()
+    site.servers(datastore)
 
     # vCenter registration: first refused with the thumbprint to check, then trusted.
     password = tmp_path / "vc.pass"

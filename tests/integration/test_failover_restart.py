@@ -74,13 +74,7 @@ def protected(
     inv = inventory(sim)
     if datastore is None:
         datastore = Path(next(d.url for d in inv.datastores if d.name == "LocalDS_0"))
-    target = site.role("target", "appliance.target", f'[storage]\ndatastore = "{datastore}"\n')
-    site.enrol(target)
-    target.start()
-    process = site.role("process", "appliance.process",
-                        f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
-    site.enrol(process)
-    process.start()
+    site.servers(datastore)
     password = tmp_path / "vc.pass"
     password.write_text(sim.password + "\n")
     site.ctl("vcenter-add", "vc-dr", f"{sim.host}:{sim.port}", "--user", sim.user,

@@ -36,14 +36,7 @@ MEMBERS = ("db1", "app1")
 @pytest.fixture
 def group_site(site: Site, tmp_path: Path) -> Iterator[tuple[Site, dict[str, Path]]]:
     """Both members protected and in group erp; yields their mountpoints."""
-    target = site.role("target", "appliance.target",
-                       f'[storage]\ndatastore = "{tmp_path / "datastore"}"\n')  # fmt: skip
-    site.enrol(target)
-    target.start()
-    process = site.role("process", "appliance.process",
-                        f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
-    site.enrol(process)
-    process.start()
+    site.servers(tmp_path / "datastore")
     with ExitStack() as stack:
         mounts = {}
         for name in MEMBERS:

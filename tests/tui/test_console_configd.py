@@ -43,14 +43,7 @@ def site(
 
 
 def test_dashboard_lists_the_real_servers_and_machine(site: Site, tmp_path: Path) -> None:
-    target = site.role("target", "appliance.target",
-                       f'[storage]\ndatastore = "{tmp_path / "datastore"}"\n')  # fmt: skip
-    site.enrol(target)
-    target.start()
-    process = site.role("process", "appliance.process",
-                        f'[target]\naddress = "127.0.0.1:{target.port}"\n')  # fmt: skip
-    site.enrol(process)
-    process.start()
+    site.servers(tmp_path / "datastore")
     with loop_ext4(tmp_path, 32) as (device, _mnt):
         agent = site.agent(device)
         try:
