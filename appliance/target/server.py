@@ -283,7 +283,8 @@ class DiskStream:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            timeout = self.checkpoint_seconds if self.replica.pending_bytes else None
+            behind = self.replica.applied_seq != self.replica.durable_seq
+            timeout = self.checkpoint_seconds if behind else None  # see _apply
             try:
                 first = await asyncio.wait_for(self._queue.get(), timeout)
             except TimeoutError:
@@ -343,12 +344,14 @@ class DiskStream:
             else:
                 replica.write(msg.seq, msg.offset, msg.decoded())
             self.stats.bytes_applied += msg.length if isinstance(msg, Data) else 0
-        # Half the window pending, or data older than checkpoint_seconds: a steady
-        # trickle must be acknowledged too, not only a burst or a pause.
+        # Half the window pending, or changes older than checkpoint_seconds: a steady
+        # trickle must be acknowledged too, not only a burst or a pause. "Behind", not
+        # "bytes pending": SAME frames and everything a fenced replica drops advance the
+        # sequence without writing, and must be acknowledged all the same.
         now = time.monotonic()
+        behind = replica.applied_seq != replica.durable_seq
         due = replica.pending_bytes >= self.window_bytes // 2 or (
-            replica.pending_bytes
-            and (not batch or now - self._checkpointed_at >= self.checkpoint_seconds)
+            behind and (not batch or now - self._checkpointed_at >= self.checkpoint_seconds)
         )
         if due:
             replica.checkpoint()

@@ -302,3 +302,49 @@ def test_a_steady_trickle_is_acknowledged_every_checkpoint_interval(
 
 def page(seq: int) -> bytes:
     return bytes([seq]) * 4096
+
+
+def test_changes_that_write_nothing_are_acknowledged_too(
+    tmp_path: Path, tls: TlsMaterial, port: int
+) -> None:
+    """SAME frames (and, on a fenced replica, every change) advance the sequence without
+    pending bytes; the checkpoint timer must still make them durable and ACK them, or a
+    stream ending in them (a spool drained during a failover) is never acknowledged."""
+    d = TargetDaemon(
+        tmp_path / "target", port, tls, extra_config="[stream]\ncheckpoint_seconds = 0.3\n"
+    )
+    d.state_dir.mkdir()
+    d.start()
+
+    async def run() -> int:
+        ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
+        conn = await open_connection("127.0.0.1", d.port, ctx, server_hostname="localhost")
+        acked = 0
+        try:
+            await conn.send(Hello("test", "same"))
+            await conn.send(OpenDisk("s1", "m", MIB))
+
+            async def acked_up_to(seq: int) -> None:
+                nonlocal acked
+                async with asyncio.timeout(10):
+                    while acked < seq:
+                        msg = await conn.recv()
+                        if isinstance(msg, Ack):
+                            acked = msg.seq
+
+            await conn.send(Data("s1", 1, 0, 4096, Encoding.RAW, page(1)))
+            await acked_up_to(1)  # the data is durable; only the SAME frames follow
+            await conn.send(Data("s1", 2, 0, 4096, Encoding.SAME, b""))
+            await conn.send(Data("s1", 3, 0, 4096, Encoding.SAME, b""))
+            await acked_up_to(3)
+        except TimeoutError:
+            pass
+        finally:
+            conn.close()
+        return acked
+
+    try:
+        acked = uvloop.run(run())
+    finally:
+        d.stop()
+    assert acked == 3, f"acknowledged up to {acked}"
