@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ import pytest
 from tests.integration.configsite import Site, machine
 from tests.integration.daemons import RoleDaemon
 from tests.integration.test_failover_e2e import inventory, replica_settings, sha256
+from tests.integration.test_failover_restart import finished, submit
+from tests.integration.test_failover_restart import job as job_record
 from tests.loopfs import loop_device, loop_ext4, remount_read_only
 from tests.vcsim.fixture import Vcsim
 
@@ -47,9 +50,17 @@ def differing_chunks(a: Path, b: Path) -> int:
     return count
 
 
-def test_failback_sends_what_changed_not_the_disk(site: Site, tmp_path: Path, vcsim: Vcsim) -> None:
+@pytest.mark.parametrize("kill_configd", [False, True], ids=["", "configd-killed-mid-transfer"])
+def test_failback_sends_what_changed_not_the_disk(
+    site: Site, tmp_path: Path, vcsim: Vcsim, kill_configd: bool
+) -> None:
     inv = inventory(vcsim)
     datastore = Path(next(d.url for d in inv.datastores if d.name == "LocalDS_0"))
+    for left in datastore.glob("web1*"):  # what an earlier run on this vcsim left
+        if left.is_dir():
+            shutil.rmtree(left)
+        else:
+            left.unlink()
     _target, process = site.servers(datastore)
     password = tmp_path / "vc.pass"
     password.write_text(vcsim.password + "\n")
@@ -58,7 +69,7 @@ def test_failback_sends_what_changed_not_the_disk(site: Site, tmp_path: Path, vc
 
     with loop_ext4(tmp_path, DISK_MIB) as (device, mnt):
         try:
-            run(site, vcsim, tmp_path, datastore, device, mnt, process)
+            run(site, vcsim, tmp_path, datastore, device, mnt, process, kill_configd)
         finally:
             for agent in site.agents:  # before its disk goes away
                 agent.terminate()
@@ -69,7 +80,7 @@ def test_failback_sends_what_changed_not_the_disk(site: Site, tmp_path: Path, vc
 
 def run(  # noqa: PLR0917 - the test's own pieces
     site: Site, vcsim: Vcsim, tmp_path: Path, datastore: Path, device: Path, mnt: Path,
-    process: RoleDaemon,
+    process: RoleDaemon, kill_configd: bool,
 ) -> None:  # fmt: skip
     inv = inventory(vcsim)
     old = os.urandom(8 << 20)
@@ -124,8 +135,21 @@ def run(  # noqa: PLR0917 - the test's own pieces
     # Failback needs the original disk unused.
     subprocess.run(["umount", str(mnt)], check=True)
     started = time.time()
-    done = site.ctl("failback", "web1", "--wait", check=False)
-    assert done.returncode == 0, done.stdout + done.stderr + site_logs(site)
+    if kill_configd:
+        # configd dies while the job waits for the agent's transfer and comes back: the
+        # job resumes there and finishes once (the same generation, one VM removed).
+        job_id = submit(site, "failback", "web1")
+        site.wait("the failback waiting for the transfer",
+                  lambda: job_record(site, job_id).get("step") == "transfer")  # fmt: skip
+        site.configd.kill()
+        site.configd.start()
+        record = finished(site, job_id)
+        assert record["state"] == "succeeded", str(record) + site_logs(site)
+        assert f"resuming job {job_id}" in site.configd.log_path.read_text()
+        assert [j["kind"] for j in site.ctl_json("jobs", "--all")].count("failback") == 1
+    else:
+        done = site.ctl("failback", "web1", "--wait", check=False)
+        assert done.returncode == 0, done.stdout + done.stderr + site_logs(site)
     job = job_of(site, "failback")
     assert job["state"] == "succeeded"
     assert sha256(device) == sha256(flat)  # the original machine holds the VM's data
