@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from appliance.setup.systemd import SystemdClient
 from tests.setup.user_systemd import UserSystemd, user_systemd_instance
 from tests.tui.fake import SERVICE_UNKNOWN, FakeClient
 from tests.tui.test_console import SIZE, assert_fits, column, screenshot, text_of, until
-from tests.tui.test_setup import FakeSetup
+from tests.tui.test_setup import FakeSetup, wait_answering
 from tui.app import ConsoleApp
 from tui.client import setup_client
 from tui.screens.services import ServicesScreen
@@ -233,17 +232,7 @@ def setupd(tmp_path: Path, systemd: UserSystemd) -> Iterator[str]:
         cwd=REPO,
     )  # fmt: skip
     try:
-        client = setup_client(bus.address)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                asyncio.run(client.call("GetUnits"))
-                break
-            except DBusCallError:
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise
-                time.sleep(0.2)
-        client.close()
+        wait_answering(bus.address, "GetUnits", daemon)
         yield bus.address
     finally:
         daemon.terminate()

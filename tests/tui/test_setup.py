@@ -300,17 +300,7 @@ def setupd(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
         cwd=REPO,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        client = setup_client(bus.address)
-        while True:
-            try:
-                asyncio.run(client.call("GetHostname"))
-                break
-            except DBusCallError:
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise
-                time.sleep(0.2)
-        client.close()
+        wait_answering(bus.address, "GetHostname", daemon)
         yield bus.address
     finally:
         daemon.terminate()
@@ -421,3 +411,20 @@ def test_offer_left_without_a_change_then_the_dashboard() -> None:
 
     asyncio.run(main())
     assert "FinishSetup" not in fake.methods()
+
+
+def wait_answering(address: str, method: str, daemon: subprocess.Popen[bytes]) -> None:
+    """Until the setupd just started on `address` answers `method` (20 s, or it died)."""
+    client = setup_client(address)
+    deadline = time.monotonic() + 20
+    try:
+        while True:
+            try:
+                asyncio.run(client.call(method))
+                return
+            except DBusCallError:
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    raise
+                time.sleep(0.2)
+    finally:
+        client.close()
