@@ -211,6 +211,8 @@ class ServedObject:
 
 
 def _leave_bus(connection: Any, obj: Any) -> None:
+    if not connection.get_is_connected():
+        return  # the bus went first (daemon stopped, or it dropped us): nothing to leave
     obj.remove_from_connection()
     connection.flush()  # the errors of cancelled calls go out before we leave
     connection.close()  # also gives up the name
