@@ -28,6 +28,8 @@ type  message        body
 15    ReadRequest    str disk_id, u64 request_id, u64 offset, u32 length
 16    ReadReply      str disk_id, u64 request_id, u64 offset, u32 length, u8 encoding,
                      rest payload
+17    Extents        str disk_id, u64 seq, u8 encoding, u32 n,
+                     n x (u64 offset, u32 length, u8 kind), rest payload
 ====  =============  =======================================================================
 
 Sequence numbers are per disk and start at 1 (DATA and TAG share them, so seq 0 is
@@ -36,6 +38,18 @@ ZSTD a zstandard frame that decodes to `length` bytes, ZERO and SAME an empty pa
 (SAME: an identical write to this exact extent is still in flight; nothing changes); `length`
 is at most 64 MiB (MAX_EXTENT), so a small frame cannot expand without bound. The
 window counts DATA payload bytes as sent on the wire (`Data.wire_size`).
+
+EXTENTS is many changes of one disk under ONE sequence number (at 4 KiB tracking
+granularity a delta is thousands of small extents; one frame, one spool record and one
+apply call each cost more than the bytes). Its extents are applied in order as one
+change: acknowledged, replayed and made durable as a whole. They are strictly ascending
+and do not overlap (offset + length <= the next offset), each 0 < length <= MAX_EXTENT;
+n is 1..MAX_EXTENTS_PER_MESSAGE. An extent's kind is RAW (its bytes are the next
+`length` bytes of the decoded payload), ZERO or SAME (none). The decoded payload is
+the RAW extents' bytes back to back, at most MAX_EXTENT bytes in all: the message's
+encoding is RAW (the payload is exactly that) or ZSTD (one zstandard frame decoding to
+it); a message with no RAW extent has an empty RAW payload. The window counts its
+payload bytes as sent, like DATA.
 
 DIGEST_REQUEST asks the receiver of a disk's stream for the digests of some chunks of
 its replica (checksum resync: only chunks whose digests differ are sent again). Chunk i
@@ -68,10 +82,10 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, ClassVar, Self, get_args
+from typing import Any, ClassVar, NamedTuple, Self, get_args
 
 import zstandard
 
@@ -88,6 +102,9 @@ MAX_DIGEST_CHUNK_SIZE = 16 * 1024 * 1024
 DIGEST_SIZE = 16  # appliance.digest.DIGEST_SIZE; the wire fixes it, the reply checks it
 # One read asks for at most this much: a RAW reply stays well inside MAX_BODY (8 MiB).
 MAX_READ = 4 * 1024 * 1024
+# Extents in one EXTENTS message: 4 KiB extents filling MAX_EXTENT, and a table (13 bytes
+# each) that stays small beside the frame limit.
+MAX_EXTENTS_PER_MESSAGE = 16384
 _SECTOR = 512
 
 _U8 = struct.Struct("!B")
@@ -102,6 +119,8 @@ _DIGEST_HEAD = struct.Struct("!QII")  # request_id, chunk_size, count
 _DIGEST_ENTRY = struct.Struct(f"!Q{DIGEST_SIZE}s")  # chunk, digest
 _READ_FIXED = struct.Struct("!QQI")  # request_id, offset, length
 _READ_REPLY_FIXED = struct.Struct("!QQIB")  # request_id, offset, length, encoding
+_EXTENTS_HEAD = struct.Struct("!QBI")  # seq, encoding, count
+_EXTENT_ENTRY = struct.Struct("!QIB")  # offset, length, kind
 
 
 class MsgType(IntEnum):
@@ -121,6 +140,7 @@ class MsgType(IntEnum):
     DIGEST_REPLY = 14
     READ_REQUEST = 15
     READ_REPLY = 16
+    EXTENTS = 17
 
 
 class Encoding(IntEnum):
@@ -381,6 +401,141 @@ class Data:
         if enc is Encoding.ZSTD and not size:
             raise MalformedBody("DATA ZSTD with an empty payload")
         return cls(disk_id, r.seq(seq), offset, length, enc, payload)
+
+
+class Extent(NamedTuple):
+    """One change inside an EXTENTS message."""
+
+    offset: int
+    length: int
+    kind: Encoding  # RAW, ZERO or SAME
+
+
+@dataclass(frozen=True, slots=True)
+class Extents:
+    """Many changes of one disk under one sequence number (see the module docstring).
+
+    ``payload`` is the RAW extents' bytes back to back (``encoding`` RAW) or one zstd
+    frame of them (ZSTD); it is sent as given, never copied by encode(), and a
+    memoryview handed in must not change until the message is acked.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.EXTENTS
+    disk_id: str
+    seq: int
+    extents: tuple[Extent, ...]
+    encoding: Encoding
+    payload: bytes | memoryview = field(repr=False)
+
+    @classmethod
+    def of(
+        cls, disk_id: str, seq: int, extents: Sequence[Extent], payload: bytes | memoryview
+    ) -> Self:
+        """A RAW message; ``payload`` must be exactly the RAW extents' bytes."""
+        return cls(disk_id, seq, tuple(extents), Encoding.RAW, payload)
+
+    @property
+    def wire_size(self) -> int:
+        """Payload bytes on the wire: what the flow-control window counts."""
+        return buffer_size(self.payload)
+
+    @property
+    def data_length(self) -> int:
+        """Bytes of the decoded payload: the RAW extents' lengths added up."""
+        return sum(e.length for e in self.extents if e.kind is Encoding.RAW)
+
+    @property
+    def length(self) -> int:
+        """Bytes of the disk this message changes (ZERO and SAME extents included)."""
+        return sum(e.length for e in self.extents)
+
+    def decoded(self) -> bytes | memoryview:
+        """The RAW extents' bytes back to back (MalformedBody if a zstd payload lies)."""
+        if self.encoding is Encoding.RAW:
+            return self.payload
+        try:
+            return decompress(self.payload, self.data_length)
+        except ValueError as exc:
+            raise MalformedBody(f"EXTENTS seq {self.seq}: bad zstd payload: {exc}") from exc
+
+    def pieces(self) -> Iterator[tuple[Extent, memoryview | None]]:
+        """Each extent with its bytes (None for ZERO and SAME), in order."""
+        data = memoryview(self.decoded()).cast("B")
+        at = 0
+        for ext in self.extents:
+            if ext.kind is Encoding.RAW:
+                yield ext, data[at : at + ext.length]
+                at += ext.length
+            else:
+                yield ext, None
+
+    def encode(self) -> list[Buffer]:
+        problem = _extents_problem(self.extents) or _extents_payload_problem(
+            self.encoding, self.wire_size, self.data_length
+        )
+        if problem:
+            raise ValueError(f"EXTENTS: {problem}")
+        try:
+            table = b"".join(_EXTENT_ENTRY.pack(*e) for e in self.extents)
+        except struct.error as exc:
+            raise ValueError(f"EXTENTS: value out of range for its field: {exc}") from exc
+        fixed = _pack(_EXTENTS_HEAD, self.seq, self.encoding, len(self.extents))
+        head = _str(self.disk_id) + fixed + table
+        return [head, self.payload] if self.wire_size else [head]
+
+    @classmethod
+    def decode(cls, body: Body) -> Self:
+        r = _Reader(body, "EXTENTS")
+        disk_id = r.text()
+        seq, encoding, count = r.fixed(_EXTENTS_HEAD)
+        enc: Encoding = r.enum(Encoding, encoding)
+        if not 0 < count <= MAX_EXTENTS_PER_MESSAGE:
+            raise MalformedBody(f"EXTENTS: {count} extents, not 1..{MAX_EXTENTS_PER_MESSAGE}")
+        kinds = _EXTENT_KINDS
+        try:
+            extents = tuple(
+                Extent(offset, length, kinds[kind])
+                for offset, length, kind in r.repeated(_EXTENT_ENTRY, count)
+            )
+        except KeyError as exc:
+            raise MalformedBody(f"EXTENTS: {exc.args[0]} is not an extent kind") from exc
+        payload = r.rest_view()
+        problem = _extents_problem(extents) or _extents_payload_problem(
+            enc, len(payload), sum(e.length for e in extents if e.kind is Encoding.RAW)
+        )
+        if problem:
+            raise MalformedBody(f"EXTENTS: {problem}")
+        return cls(disk_id, r.seq(seq), extents, enc, payload)
+
+
+_EXTENT_KINDS = {int(k): k for k in (Encoding.RAW, Encoding.ZERO, Encoding.SAME)}
+
+
+def _extents_problem(extents: Sequence[Extent]) -> str | None:
+    if not 0 < len(extents) <= MAX_EXTENTS_PER_MESSAGE:
+        return f"{len(extents)} extents, not 1..{MAX_EXTENTS_PER_MESSAGE}"
+    end = 0
+    for offset, length, kind in extents:
+        if not 0 < length <= MAX_EXTENT:
+            return f"extent length {length} is not 1..{MAX_EXTENT}"
+        if offset < end:
+            return f"extent at {offset} is not after the previous one's end {end}"
+        if kind not in _EXTENT_KINDS.values():
+            return f"{kind!r} is not an extent kind"
+        end = offset + length
+    return None
+
+
+def _extents_payload_problem(enc: Encoding, size: int, data_length: int) -> str | None:
+    if data_length > MAX_EXTENT:
+        return f"{data_length} bytes of RAW extents exceed {MAX_EXTENT}"
+    if enc is Encoding.RAW and size != data_length:
+        return f"RAW: {size} payload bytes for {data_length} bytes of RAW extents"
+    if enc is Encoding.ZSTD and (not size or not data_length):
+        return "ZSTD with an empty payload or no RAW extent"
+    if enc not in (Encoding.RAW, Encoding.ZSTD):
+        return f"{enc.name} is not a payload encoding"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -747,6 +902,7 @@ Message = (
     | DigestReply
     | ReadRequest
     | ReadReply
+    | Extents
 )
 
 MESSAGE_TYPES: dict[int, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}

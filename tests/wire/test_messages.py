@@ -16,6 +16,7 @@ from appliance.wire.messages import (
     MAX_DIGEST_CHUNK_SIZE,
     MAX_DIGEST_CHUNKS,
     MAX_EXTENT,
+    MAX_EXTENTS_PER_MESSAGE,
     MAX_STR,
     MESSAGE_TYPES,
     Ack,
@@ -25,6 +26,8 @@ from appliance.wire.messages import (
     DiskOpened,
     Encoding,
     Error,
+    Extent,
+    Extents,
     Hello,
     Message,
     MsgType,
@@ -62,6 +65,17 @@ FIXED: list[Message] = [
     ReadRequest("disk-0", 8, 1 << 30, 4 << 20),
     ReadReply("disk-0", 8, 4096, 512, Encoding.RAW, b"r" * 512),
     ReadReply("disk-0", 9, 0, 4 << 20, Encoding.ZERO, b""),
+    Extents.of(
+        "disk-0",
+        10,
+        [
+            Extent(0, 512, Encoding.RAW),
+            Extent(4096, 8192, Encoding.ZERO),
+            Extent(1 << 20, 512, Encoding.SAME),
+        ],
+        b"e" * 512,
+    ),
+    Extents.of("disk-0", 11, [Extent(8192, 4096, Encoding.ZERO)], b""),
 ]
 
 
@@ -266,3 +280,72 @@ def test_digest_values_that_do_not_fit_are_a_sender_bug() -> None:
             DigestReply("d", 1, 4096, ((index, bytes(16)),)).encode()
     with pytest.raises(ValueError):
         DigestRequest("d", 2**64, 4096, ()).encode()
+
+
+def _extents_body(encoding: int, entries: list[tuple[int, int, int]], payload: bytes,
+                  count: int | None = None) -> bytes:  # fmt: skip
+    n = len(entries) if count is None else count
+    table = b"".join(struct.pack("!QIB", *e) for e in entries)
+    return struct.pack("!H", 1) + b"d" + struct.pack("!QBI", 1, encoding, n) + table + payload
+
+
+def test_extents_carry_many_changes_under_one_seq() -> None:
+    a, b = b"a" * 4096, b"b" * 512
+    msg = Extents.of("d", 5, [Extent(0, 4096, Encoding.RAW), Extent(8192, 4096, Encoding.ZERO),
+                              Extent(65536, 512, Encoding.RAW)], a + b)  # fmt: skip
+    assert (msg.data_length, msg.length, msg.wire_size) == (4608, 8704, 4608)
+    got = Extents.decode(body(msg))
+    assert got == msg and isinstance(got.payload, memoryview)  # a view of the frame
+    pieces = [(e.offset, e.kind, None if v is None else bytes(v)) for e, v in got.pieces()]
+    assert pieces == [(0, Encoding.RAW, a), (8192, Encoding.ZERO, None), (65536, Encoding.RAW, b)]
+    packed = Extents("d", 6, msg.extents, Encoding.ZSTD, zstandard.compress(a + b))
+    assert packed.wire_size < 100
+    assert [bytes(v) for _, v in Extents.decode(body(packed)).pieces() if v is not None] == [a, b]
+
+
+def test_extents_payload_must_match_the_raw_extents() -> None:
+    raw = [(0, 512, Encoding.RAW)]
+    with pytest.raises(MalformedBody, match="RAW: 511 payload bytes"):
+        Extents.decode(_extents_body(Encoding.RAW, raw, b"x" * 511))
+    with pytest.raises(MalformedBody, match="ZSTD with an empty payload"):
+        Extents.decode(_extents_body(Encoding.ZSTD, raw, b""))
+    with pytest.raises(MalformedBody, match="ZSTD with an empty payload"):  # nothing to hold
+        Extents.decode(_extents_body(Encoding.ZSTD, [(0, 512, Encoding.ZERO)], b"zz"))
+    for enc in (Encoding.ZERO, Encoding.SAME):
+        with pytest.raises(MalformedBody, match="not a payload encoding"):
+            Extents.decode(_extents_body(enc, [(0, 512, Encoding.ZERO)], b""))
+    too_much = [(i * MAX_EXTENT, MAX_EXTENT, Encoding.RAW) for i in range(2)]
+    with pytest.raises(MalformedBody, match="exceed"):  # checked before any decompression
+        Extents.decode(_extents_body(Encoding.ZSTD, too_much, b"zz"))
+    lying = Extents("d", 1, (Extent(0, 4096, Encoding.RAW),), Encoding.ZSTD,
+                    zstandard.compress(b"z" * 5000))  # fmt: skip
+    with pytest.raises(MalformedBody, match="bad zstd payload"):
+        list(lying.pieces())
+    with pytest.raises(ValueError, match="RAW: 3 payload bytes"):
+        Extents.of("d", 1, [Extent(0, 512, Encoding.RAW)], b"abc").encode()
+
+
+def test_extents_must_ascend_without_overlap_and_be_bounded() -> None:
+    def refused(entries: list[tuple[int, int, int]], match: str, count: int | None = None) -> None:
+        payload = b"x" * sum(n for _, n, k in entries if k == Encoding.RAW)
+        with pytest.raises(MalformedBody, match=match):
+            Extents.decode(_extents_body(Encoding.RAW, entries, payload, count))
+
+    refused([(4096, 512, Encoding.ZERO), (0, 512, Encoding.ZERO)], "not after")
+    refused([(0, 1024, Encoding.ZERO), (512, 512, Encoding.ZERO)], "not after")
+    refused([(0, 0, Encoding.ZERO)], "length 0")
+    refused([(0, MAX_EXTENT + 1, Encoding.ZERO)], "length")
+    refused([(0, 512, Encoding.ZSTD)], "not an extent kind")
+    refused([(0, 512, 9)], "not an extent kind")
+    refused([], "0 extents")
+    refused([(0, 512, Encoding.ZERO)], f"{MAX_EXTENTS_PER_MESSAGE + 1} extents",
+            count=MAX_EXTENTS_PER_MESSAGE + 1)  # fmt: skip
+    refused([(0, 512, Encoding.ZERO)], "too short", count=2)  # the table is cut short
+    with pytest.raises(ValueError, match="not after"):
+        Extents.of("d", 1, [Extent(512, 512, Encoding.ZERO), Extent(0, 512, Encoding.ZERO)],
+                   b"").encode()  # fmt: skip
+    with pytest.raises(ValueError, match="out of range"):
+        Extents.of("d", 1, [Extent(2**64, 512, Encoding.ZERO)], b"").encode()
+    # Back to back is fine; so is the most a message may carry.
+    many = [Extent(i * 4096, 4096, Encoding.ZERO) for i in range(MAX_EXTENTS_PER_MESSAGE)]
+    assert len(Extents.decode(body(Extents.of("d", 1, many, b""))).extents) == len(many)
