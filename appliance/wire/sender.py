@@ -3,7 +3,7 @@
 Per disk, messages (DATA and TAG) carry contiguous sequence numbers assigned by the
 caller. Each disk has an `OutboundWindow` holding every message the receiver has not
 acknowledged as durable; its capacity is the receiver's advertised window, in DATA
-payload bytes as sent on the wire (`Data.wire_size`; a TAG costs nothing), plus a cap
+payload bytes as sent on the wire (`wire_size` of DATA and EXTENTS; a TAG costs nothing), plus a cap
 on the number of messages so zero-cost messages cannot pile up without limit.
 
 A session of `StreamSender`::
@@ -46,6 +46,7 @@ from appliance.wire.messages import (
     DigestReply,
     DigestRequest,
     DiskOpened,
+    Extents,
     Hello,
     OpenDisk,
     Ping,
@@ -63,12 +64,14 @@ STABLE_SESSION = 5.0  # a session that lasted this long resets the backoff
 
 
 # What a disk's window holds, in the order it goes on the wire.
-Outbound = Data | Tag | DigestRequest
+Outbound = Data | Extents | Tag | DigestRequest
+# A stream message: what carries a sequence number.
+StreamMessage = Data | Extents | Tag
 
 
 def cost(msg: Outbound) -> int:
     """What `msg` counts against the window."""
-    return msg.wire_size if isinstance(msg, Data) else 0
+    return msg.wire_size if isinstance(msg, Data | Extents) else 0
 
 
 class OutboundWindow:
@@ -112,7 +115,7 @@ class OutboundWindow:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def unacked(self) -> list[Data | Tag]:
+    def unacked(self) -> list[StreamMessage]:
         """The frames not yet acknowledged (digest requests left out: see `requests`)."""
         return [msg for msg, _ in self._entries if not isinstance(msg, DigestRequest)]
 
@@ -130,7 +133,7 @@ class OutboundWindow:
             and len(self._entries) < self.max_messages
         )
 
-    async def put(self, msg: Data | Tag) -> None:
+    async def put(self, msg: StreamMessage) -> None:
         """Admit `msg` (the next sequence), waiting for ACKs while the window is full."""
         if msg.seq <= self.acked_seq:
             # The receiver already has it (it reported a durable sequence past what we
@@ -335,7 +338,7 @@ class StreamSender:
         self.state = ConnectionState.CONNECTING
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, msg: Data | Tag) -> None:
+    async def submit(self, msg: StreamMessage) -> None:
         """Queue `msg` for sending; waits while the receiver's window is full."""
         disk = self._disks.get(msg.disk_id)
         if disk is None:
