@@ -32,7 +32,6 @@ tail belongs to a batch whose replica writes never started.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -52,9 +51,11 @@ from appliance.target.errors import (
     SequenceGap,
     StorageFull,
 )
+from appliance.target.holes import HoleMap
 from appliance.target.journal import Journal, PendingRecord, encode, encode_zeros
 from appliance.target.points import Coverage, PointKind, roll_back
 from appliance.target.vmdk import SECTOR
+from appliance.wire.messages import Encoding, Extents
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,10 @@ class _Extent:
 
 
 class DiskReplica:
-    """One replica disk. ``write``/``write_zero``/``tag``/``checkpoint``/``recover`` come
-    from one apply thread (other threads may call ``checkpoint`` too: calls are
-    serialised); the properties may be read from anywhere. Constructing it runs crash
-    recovery if the journal extends past the last checkpoint.
+    """One replica disk. ``write``/``write_extents``/``write_zero``/``same``/``tag``/
+    ``checkpoint``/``recover`` come from one apply thread (other threads may call
+    ``checkpoint`` too: calls are serialised); the properties may be read from anywhere.
+    Constructing it runs crash recovery if the journal extends past the last checkpoint.
 
     Errors: SequenceGap and ExtentOutOfRange change nothing. Any I/O error while
     flushing or syncing (StorageFull for ENOSPC/EDQUOT) rolls the disk back to its last
@@ -217,6 +218,29 @@ class DiskReplica:
             buf = data if isinstance(data, bytes) else view.tobytes()
             self._accept(seq, offset, view.nbytes, buf)
 
+    def write_extents(self, seq: int, msg: Extents) -> None:
+        """Apply change ``seq``: every extent of ``msg`` (RAW bytes, ZERO, SAME), as one.
+
+        Every extent is checked before any is accepted, so a bad message changes nothing
+        (ExtentOutOfRange; MalformedBody if its zstd payload lies). Replays are ignored.
+        """
+        with self._lock:
+            if not self._admit(seq):
+                return
+            for ext in msg.extents:
+                self._check_extent(ext.offset, ext.length)
+            if msg.encoding is Encoding.RAW and not isinstance(msg.payload, bytes):
+                # A view of the caller's receive buffer: the batch keeps one copy of it.
+                msg = Extents.of(msg.disk_id, seq, msg.extents, bytes(msg.payload))
+            pieces = list(msg.pieces())  # decoded (a zstd payload checked) before the drop
+            if self._dropped(seq):
+                return
+            for ext, data in pieces:
+                if ext.kind is Encoding.SAME:
+                    continue
+                self._accept(seq, ext.offset, ext.length, data)
+            self._applied_seq = seq
+
     def write_zero(self, seq: int, offset: int, length: int) -> None:
         """Apply change ``seq``: zeros over ``[offset, offset+length)`` (a hole)."""
         with self._lock:
@@ -352,7 +376,7 @@ class DiskReplica:
                 f"{SECTOR}-byte aligned inside [0, {self._size})"
             )
 
-    def _accept(self, seq: int, offset: int, length: int, data: bytes | None) -> None:
+    def _accept(self, seq: int, offset: int, length: int, data: bytes | memoryview | None) -> None:
         # An extent larger than a batch is split so the batch (and its undo) stays bounded.
         view = None if data is None else memoryview(data)
         for pos in range(0, length, self._batch_limit):
@@ -420,8 +444,11 @@ class DiskReplica:
 
     def _encode(self, group: list[_Extent]) -> list[PendingRecord]:
         out: list[PendingRecord] = []
-        for ext in group:
-            if _is_hole(self._fd, ext.offset, ext.length):
+        holes = HoleMap(self._fd)
+        # Ascending, so one pair of lseeks answers for a whole run of holes or of data;
+        # extents of one batch never overlap, so the order of their records is free.
+        for ext in sorted(group, key=_by_offset):
+            if holes.is_hole(ext.offset, ext.length):
                 out.extend(encode_zeros(ext.seq, ext.offset, ext.length))
                 continue
             old = pread_exact(self._fd, ext.length, ext.offset)
@@ -527,16 +554,8 @@ class DiskReplica:
         self._needs_recovery = False
 
 
-def _is_hole(fd: int, offset: int, length: int) -> bool:
-    """True when ``[offset, offset+length)`` holds no data at all (never written, or
-    punched): its undo is ZEROS without reading it. Reading a hole makes the kernel
-    zero-fill page cache for it, which cost the master target half its CPU on a fresh
-    replica. SEEK_DATA counts data still in the page cache; a filesystem without it
-    reports everything as data, so the extent is read as before."""
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
-    except OSError as exc:
-        return exc.errno == errno.ENXIO  # no data from offset to the end of the file
+def _by_offset(ext: _Extent) -> int:
+    return ext.offset
 
 
 def _abandon(futures: list[Future[list[PendingRecord]]]) -> None:

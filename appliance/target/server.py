@@ -4,7 +4,9 @@ Each replica disk has one `DiskStream`: the connection that opened it last owns 
 (a reconnecting sender takes over from its half-dead predecessor), frames are checked
 on the event loop (sequence, window, extent bounds) and queued, and one apply thread
 per disk feeds them to the storage engine. The queue is bounded by the window the
-sender was given: a sender that overruns it is cut off with WINDOW_EXCEEDED.
+sender was given: a sender that overruns it is cut off with WINDOW_EXCEEDED. An EXTENTS
+frame (many changes under one sequence number) goes the way of a DATA frame: every
+extent checked on the event loop, one replica call for all of them, one sequence acked.
 
 An ACK carries the engine's durable sequence, which moves at every tag and at a
 checkpoint taken when half the window is pending or `checkpoint_seconds` passed —
@@ -69,6 +71,7 @@ from appliance.wire.messages import (
     DigestRequest,
     DiskOpened,
     Encoding,
+    Extents,
     Hello,
     OpenDisk,
     Ping,
@@ -155,7 +158,7 @@ class DiskStream:
     stats: DiskStats = field(default_factory=DiskStats)
     _unacked: collections.deque[tuple[int, int]] = field(default_factory=collections.deque)
     _unacked_bytes: int = 0
-    _queue: asyncio.Queue[Data | Tag | _DigestJob] = field(default_factory=asyncio.Queue)
+    _queue: asyncio.Queue[Data | Extents | Tag | _DigestJob] = field(default_factory=asyncio.Queue)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _checkpointed_at: float = field(default_factory=time.monotonic)
     _task: asyncio.Task[None] | None = None
@@ -255,7 +258,7 @@ class DiskStream:
         if conn is not self.owner:
             raise ProtocolViolation(f"disk {self.disk_id} is not open on this connection")
 
-    def accept(self, conn: Connection, msg: Data | Tag) -> None:
+    def accept(self, conn: Connection, msg: Data | Extents | Tag) -> None:
         """Check one frame on the event loop and queue it for the apply thread."""
         self._check_owner(conn)
         if msg.seq <= self.received_seq:
@@ -264,9 +267,12 @@ class DiskStream:
         if msg.seq != self.received_seq + 1:
             raise OutOfWindow(f"disk {self.disk_id}: sequence {msg.seq} after {self.received_seq}")
         size = 0
-        if isinstance(msg, Data):
-            _check_extent(self.replica.size, msg)
-            size = len(msg.payload)
+        if isinstance(msg, Data | Extents):
+            if isinstance(msg, Data):
+                _check_extent(self.replica.size, msg)
+            else:
+                _check_extents(self.replica.size, msg)
+            size = msg.wire_size
             if self._unacked_bytes and self._unacked_bytes + size > self.window_bytes:
                 raise WindowExceeded(
                     f"disk {self.disk_id}: {self._unacked_bytes + size} unacknowledged "
@@ -289,12 +295,12 @@ class DiskStream:
                 first = await asyncio.wait_for(self._queue.get(), timeout)
             except TimeoutError:
                 first = None
-            batch: list[Data | Tag | _DigestJob] = [] if first is None else [first]
-            size = len(first.payload) if isinstance(first, Data) else 0
+            batch: list[Data | Extents | Tag | _DigestJob] = [] if first is None else [first]
+            size = first.wire_size if isinstance(first, Data | Extents) else 0
             while size < APPLY_CHUNK and not self._queue.empty():
                 item = self._queue.get_nowait()
                 batch.append(item)
-                size += len(item.payload) if isinstance(item, Data) else 0
+                size += item.wire_size if isinstance(item, Data | Extents) else 0
             jobs = [item for item in batch if isinstance(item, _DigestJob)]
             try:
                 durable = await loop.run_in_executor(self.executor, self._apply, batch)
@@ -326,7 +332,7 @@ class DiskStream:
             if self._queue.empty():
                 self._idle.set()
 
-    def _apply(self, batch: list[Data | Tag | _DigestJob]) -> int:
+    def _apply(self, batch: list[Data | Extents | Tag | _DigestJob]) -> int:
         """In the disk's apply thread: write, tag, and checkpoint when it is due."""
         replica = self.replica
         durable_before = replica.durable_seq
@@ -337,13 +343,15 @@ class DiskStream:
             if isinstance(msg, Tag):
                 replica.tag(msg.seq, msg.tag_id, msg.kind.name.lower(), msg.timestamp_ns)
                 self.stats.tags += 1
+            elif isinstance(msg, Extents):
+                replica.write_extents(msg.seq, msg)
             elif msg.encoding is Encoding.ZERO:
                 replica.write_zero(msg.seq, msg.offset, msg.length)
             elif msg.encoding is Encoding.SAME:
                 replica.same(msg.seq, msg.offset, msg.length)
             else:
                 replica.write(msg.seq, msg.offset, msg.decoded())
-            self.stats.bytes_applied += msg.length if isinstance(msg, Data) else 0
+            self.stats.bytes_applied += msg.length if isinstance(msg, Data | Extents) else 0
         # Half the window pending, or changes older than checkpoint_seconds: a steady
         # trickle must be acknowledged too, not only a burst or a pause. "Behind", not
         # "bytes pending": SAME frames and everything a fenced replica drops advance the
@@ -443,6 +451,16 @@ def _check_extent(size: int, msg: Data) -> None:
         raise MalformedBody(f"payload is {len(msg.payload)} bytes, length says {msg.length}")
 
 
+def _check_extents(size: int, msg: Extents) -> None:
+    """Sector alignment of every extent, and the disk's end (decoding made them ascend)."""
+    for ext in msg.extents:
+        if ext.offset % SECTOR or ext.length % SECTOR:
+            raise InvalidRequest(f"extent {ext.offset}+{ext.length} is not sector-aligned")
+    last = msg.extents[-1]
+    if last.offset + last.length > size:
+        raise InvalidRequest(f"extent {last.offset}+{last.length} is beyond the disk ({size})")
+
+
 def _not_fenced(disk_id: str) -> str:
     return (
         f"disk {disk_id} is not failed over (not fenced): a failback reads only a replica "
@@ -502,7 +520,7 @@ class TargetService:
                     msg = await conn.recv()
                 except ConnectionClosed:
                     return
-                if isinstance(msg, Data | Tag):
+                if isinstance(msg, Data | Extents | Tag):
                     self._stream_of(msg.disk_id).accept(conn, msg)
                 elif isinstance(msg, DigestRequest | ReadRequest):
                     stream = self._stream_of(msg.disk_id)

@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from appliance.wire.messages import Data, Encoding, Tag, TagKind
+from appliance.wire.messages import Data, Encoding, Extent, Extents, Tag, TagKind
 
 BLOCK = 4096
 
@@ -20,16 +20,24 @@ BLOCK = 4096
 class Op:
     seq: int
     kind: str  # "data", "zero", "same" (repeat of the previous extent: no change) or "tag"
-    offset: int = 0
+    offset: int = 0  # (or "extents": `parts` under one seq)
     length: int = 0
     tag_id: str = ""
+    parts: tuple[tuple[int, int, str], ...] = ()  # "extents": (offset, length, "data"/"zero")
 
 
 class StreamScript:
     """`count` frames: random extents (some in a hot region, some zero) and tags."""
 
     def __init__(
-        self, seed: int, size: int, count: int, *, max_blocks: int = 256, tag_every: int = 20
+        self,
+        seed: int,
+        size: int,
+        count: int,
+        *,
+        max_blocks: int = 256,
+        tag_every: int = 20,
+        extents_every: int = 0,
     ) -> None:
         self.seed, self.size = seed, size
         self.epoch_ns = time.time_ns()  # tags carry "now": retention must not prune them
@@ -39,6 +47,9 @@ class StreamScript:
         for seq in range(1, count + 1):
             if rng.randrange(tag_every) == 0:
                 self.ops.append(Op(seq, "tag", tag_id=f"t{seq:06d}"))
+                continue
+            if extents_every and rng.randrange(extents_every) == 0:
+                self.ops.append(self._extents_op(rng, seq, blocks))
                 continue
             length = rng.randint(1, max_blocks)
             hot = rng.random() < 0.4  # overwrite a small region often: undo data matters
@@ -51,6 +62,22 @@ class StreamScript:
             kind = "zero" if rng.random() < 0.05 else "data"
             self.ops.append(Op(seq, kind, start * BLOCK, length * BLOCK))
 
+    @staticmethod
+    def _extents_op(rng: random.Random, seq: int, blocks: int) -> Op:
+        """An EXTENTS: 1-64 ascending 4-16 KiB extents with gaps, some of them zero."""
+        count = rng.randint(1, 64)
+        at = rng.randrange(0, blocks - 8 * count)
+        parts = []
+        for _ in range(count):
+            at += rng.randrange(0, 4)
+            length = rng.randint(1, 4)
+            parts.append((at * BLOCK, length * BLOCK, "zero" if rng.random() < 0.1 else "data"))
+            at += length
+        return Op(seq, "extents", parts=tuple(parts))
+
+    def part_payload(self, seq: int, index: int, length: int) -> bytes:
+        return self.payload(Op(seq * 100_000 + index, "data", 0, length))
+
     def payload(self, op: Op) -> bytes:
         rng = random.Random(self.seed * 1_000_003 + op.seq)
         # Half random, half repeated text: compressible enough to exercise zstd paths.
@@ -58,12 +85,21 @@ class StreamScript:
         text = (b"secondsite %d " % op.seq) * (op.length // 12 + 1)
         return rng.randbytes(half) + text[: op.length - half]
 
-    def message(self, op: Op, disk_id: str, *, same_as_raw: bool = False) -> Data | Tag:
+    def message(self, op: Op, disk_id: str, *, same_as_raw: bool = False) -> Data | Extents | Tag:
         """The frame for `op`; with `same_as_raw` a "same" op is the identical RAW rewrite
         an agent sends (a process server turns it back into SAME)."""
         if op.kind == "same" and same_as_raw:
             previous = self.ops[op.seq - 2]
             return Data(disk_id, op.seq, op.offset, op.length, Encoding.RAW, self.payload(previous))
+        if op.kind == "extents":
+            kinds = {"data": Encoding.RAW, "zero": Encoding.ZERO}
+            extents = [Extent(off, n, kinds[kind]) for off, n, kind in op.parts]
+            data = b"".join(
+                self.part_payload(op.seq, i, n)
+                for i, (_, n, kind) in enumerate(op.parts)
+                if kind == "data"
+            )
+            return Extents.of(disk_id, op.seq, extents, data)
         if op.kind == "tag":
             return Tag(
                 disk_id, op.seq, op.tag_id, TagKind.CRASH, 1_700_000_000_000_000_000 + op.seq
@@ -99,6 +135,9 @@ class StreamScript:
             image[op.offset : op.offset + op.length] = self.payload(op)
         elif op.kind == "zero":
             image[op.offset : op.offset + op.length] = bytes(op.length)
+        for i, (offset, length, kind) in enumerate(op.parts):
+            data = self.part_payload(op.seq, i, length) if kind == "data" else bytes(length)
+            image[offset : offset + length] = data
 
 
 def file_sha256(path: str | bytes) -> str:

@@ -94,8 +94,29 @@ async def control(
 def test_kill9_at_random_points_loses_nothing(tmp_path: Path, tls: TlsMaterial, port: int) -> None:
     seed = int(os.environ.get("SECONDSITE_CRASH_SEED", "20261125"))
     kills = int(os.environ.get("SECONDSITE_CRASH_KILLS", "10"))
+    kill9_run(
+        tmp_path, tls, port, seed=seed, kills=kills, script=StreamScript(seed, SIZE, count=3000)
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_kill9_mid_stream_of_extents_loses_nothing(
+    tmp_path: Path, tls: TlsMaterial, port: int
+) -> None:
+    """The same with every other change an EXTENTS message (up to 64 extents, one seq):
+    each is durable, rolled back and resent as a whole."""
+    seed = int(os.environ.get("SECONDSITE_CRASH_SEED", "20261126"))
+    kills = int(os.environ.get("SECONDSITE_CRASH_KILLS", "8"))
+    script = StreamScript(seed, SIZE, count=1500, extents_every=2)
+    assert sum(op.kind == "extents" for op in script.ops) > 500
+    kill9_run(tmp_path, tls, port, seed=seed, kills=kills, script=script)
+
+
+def kill9_run(
+    tmp_path: Path, tls: TlsMaterial, port: int, *, seed: int, kills: int, script: StreamScript
+) -> None:
     rng = random.Random(seed)
-    script = StreamScript(seed, SIZE, count=3000)
     daemon = TargetDaemon(
         tmp_path / "target", port, tls, extra_config="[stream]\nwindow_mib = 16\n"
     )

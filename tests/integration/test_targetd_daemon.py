@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
+import zstandard
 
 from appliance.wire.connection import open_connection
 from appliance.wire.errors import ErrorCode, PeerError
@@ -19,6 +20,8 @@ from appliance.wire.messages import (
     Data,
     DiskOpened,
     Encoding,
+    Extent,
+    Extents,
     Hello,
     Message,
     OpenDisk,
@@ -177,6 +180,25 @@ def test_bad_stream_input_gets_named_errors_and_is_counted(
             [OpenDisk("zstd", "m", MIB), Data("zstd", 1, 0, 4096, Encoding.ZSTD, b"not zstd")],
             ErrorCode.MALFORMED_BODY,
         ),
+        (
+            [
+                OpenDisk("xbeyond", "m", MIB),
+                Extents.of(
+                    "xbeyond",
+                    1,
+                    [Extent(0, 512, Encoding.ZERO), Extent(MIB, 512, Encoding.ZERO)],
+                    b"",
+                ),
+            ],
+            ErrorCode.INVALID_REQUEST,
+        ),
+        (
+            [
+                OpenDisk("xzstd", "m", MIB),
+                Extents("xzstd", 1, (Extent(0, 4096, Encoding.RAW),), Encoding.ZSTD, b"no"),
+            ],
+            ErrorCode.MALFORMED_BODY,
+        ),
         ([OpenDisk("beyond", "m", 2 * MIB)], ErrorCode.INVALID_REQUEST),
         ([Welcome("x", 1, 1)], ErrorCode.PROTOCOL_VIOLATION),
     ]
@@ -186,10 +208,10 @@ def test_bad_stream_input_gets_named_errors_and_is_counted(
         assert errors and errors[0].code == code, (msgs[-1], replies)
     counts = _status(daemon, tls)["errors"]
     assert counts["unknown_disk"] == 1
-    assert counts["invalid_request"] == 4
+    assert counts["invalid_request"] == 5
     assert counts["out_of_window"] == 1
     assert counts["window_exceeded"] == 1
-    assert counts["malformed_body"] == 1
+    assert counts["malformed_body"] == 2
     assert counts["protocol_violation"] == 1
 
 
@@ -348,3 +370,47 @@ def test_changes_that_write_nothing_are_acknowledged_too(
     finally:
         d.stop()
     assert acked == 3, f"acknowledged up to {acked}"
+
+
+def test_extents_apply_as_one_change(daemon: RoleDaemon, tls: TlsMaterial) -> None:
+    """RAW, ZERO and SAME extents under one seq, a zstd payload: the replica and the point
+    after them hold exactly those changes."""
+    raw = b"r" * 4096 + b"s" * 512
+    extents = (
+        Extent(0, 4096, Encoding.RAW),
+        Extent(8192, 8192, Encoding.ZERO),
+        Extent(32768, 4096, Encoding.SAME),
+        Extent(65536, 512, Encoding.RAW),
+    )
+    msgs: list[Message] = [
+        OpenDisk("x1", "m1", MIB),
+        Data("x1", 1, 0, 128 * 1024, Encoding.RAW, b"v" * (128 * 1024)),
+        Extents("x1", 2, extents, Encoding.ZSTD, zstandard.compress(raw)),
+        Extents.of("x1", 3, [Extent(4096, 512, Encoding.RAW)], b"t" * 512),
+        Tag("x1", 4, "after", TagKind.APP, 1_000),
+    ]
+
+    async def run() -> None:
+        ctx = client_context(tls.client.cert, tls.client.key, tls.ca.cert)
+        conn = await open_connection("127.0.0.1", daemon.port, ctx, server_hostname="localhost")
+        try:
+            await conn.send(Hello("test", "extents"))
+            for msg in msgs:
+                await conn.send(msg)
+            async with asyncio.timeout(20):
+                while (reply := await conn.recv()) != Ack("x1", 4):
+                    assert not isinstance(reply, PeerError), reply
+        finally:
+            conn.close()
+
+    uvloop.run(run())
+    expected = bytearray(b"v" * (128 * 1024) + bytes(MIB - 128 * 1024))
+    expected[0:4096] = b"r" * 4096
+    expected[4096:4608] = b"t" * 512
+    expected[8192:16384] = bytes(8192)
+    expected[65536:66048] = b"s" * 512
+    flat = daemon.datastore / "x1" / "x1-flat.vmdk"
+    assert flat.read_bytes() == bytes(expected)
+    disk = next(d for d in _status(daemon, tls)["disks"] if d["disk_id"] == "x1")
+    assert disk["durable_seq"] == 4 and disk["frames_in"] == 4
+    assert disk["bytes_applied"] == 128 * 1024 + 4096 + 8192 + 4096 + 512 + 512

@@ -11,7 +11,10 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import zstandard
+
 from appliance.target.replica import DiskReplica
+from appliance.wire.messages import Encoding, Extent, Extents
 
 SECTOR = 512
 
@@ -37,7 +40,23 @@ class Tag:
     time_ns: int
 
 
-Op = Write | Zero | Tag
+@dataclass(frozen=True)
+class Many:
+    """One EXTENTS change: ``extents`` ascending, ``data`` the RAW ones' bytes in order."""
+
+    seq: int
+    extents: tuple[Extent, ...]
+    data: bytes
+    zstd: bool = False
+
+    def message(self, disk_id: str = "d") -> Extents:
+        if self.zstd and self.data:
+            packed = zstandard.compress(self.data)
+            return Extents(disk_id, self.seq, self.extents, Encoding.ZSTD, packed)
+        return Extents.of(disk_id, self.seq, self.extents, self.data)
+
+
+Op = Write | Zero | Tag | Many
 
 
 def image(size: int, ops: list[Op], upto: int, base: bytes | None = None) -> bytes:
@@ -50,6 +69,14 @@ def image(size: int, ops: list[Op], upto: int, base: bytes | None = None) -> byt
             disk[op.offset : op.offset + len(op.data)] = op.data
         elif isinstance(op, Zero):
             disk[op.offset : op.offset + op.length] = bytes(op.length)
+        elif isinstance(op, Many):
+            at = 0
+            for ext in op.extents:
+                if ext.kind is Encoding.RAW:
+                    disk[ext.offset : ext.offset + ext.length] = op.data[at : at + ext.length]
+                    at += ext.length
+                elif ext.kind is Encoding.ZERO:
+                    disk[ext.offset : ext.offset + ext.length] = bytes(ext.length)
     return bytes(disk)
 
 
@@ -109,12 +136,46 @@ def random_stream(
     return ops
 
 
+def random_many(
+    rng: random.Random, seq: int, size: int, *, count: int = 24, max_sectors: int = 16
+) -> Many:
+    """An EXTENTS change: up to ``count`` ascending extents of every kind, some of them
+    back to back, the payload zstd half of the time."""
+    extents: list[Extent] = []
+    data = b""
+    pos = rng.randrange(0, size // 2, SECTOR)
+    for _ in range(rng.randint(1, count)):
+        n = rng.randint(1, max_sectors) * SECTOR
+        if pos + n > size:
+            break
+        kind = rng.choice([Encoding.RAW, Encoding.RAW, Encoding.RAW, Encoding.ZERO, Encoding.SAME])
+        extents.append(Extent(pos, n, kind))
+        if kind is Encoding.RAW:
+            data += payload(rng, n)
+        pos += n + rng.choice([0, SECTOR, 8 * SECTOR, rng.randrange(0, size // 8, SECTOR)])
+    if not extents:
+        extents.append(Extent(0, SECTOR, Encoding.RAW))
+        data = payload(rng, SECTOR)
+    return Many(seq, tuple(extents), data, zstd=rng.random() < 0.5)
+
+
+def with_many(seed: int, ops: list[Op], size: int, share: float = 0.3) -> list[Op]:
+    """``ops`` with about ``share`` of its writes replaced by EXTENTS changes."""
+    rng = random.Random(seed)
+    return [
+        random_many(rng, op.seq, size) if isinstance(op, Write) and rng.random() < share else op
+        for op in ops
+    ]
+
+
 def apply(replica: DiskReplica, ops: list[Op], kind: str = "crash") -> None:
     for op in ops:
         if isinstance(op, Write):
             replica.write(op.seq, op.offset, op.data)
         elif isinstance(op, Zero):
             replica.write_zero(op.seq, op.offset, op.length)
+        elif isinstance(op, Many):
+            replica.write_extents(op.seq, op.message())
         else:
             replica.tag(op.seq, op.tag_id, kind, op.time_ns)
 

@@ -19,7 +19,7 @@ from appliance.target.journal import SEGMENT_HEADER
 from appliance.target.replica import DiskReplica
 from appliance.target.store import ReplicaStore
 from tests.target.conftest import SMALL
-from tests.target.model import Op, Tag, apply, flat_of, image, random_stream
+from tests.target.model import Many, Op, Tag, apply, flat_of, image, random_stream, with_many
 
 SIZE = 192 << 10
 OPS = random_stream(2024, SIZE, 160, max_sectors=48, tag_every=10)
@@ -110,6 +110,32 @@ TARGETED = [
     (FaultPoint.CATALOGUE_COMMIT, 1),  # before the first checkpoint ever
     (FaultPoint.CATALOGUE_COMMIT, 6),
 ]
+
+
+# The same stream with 40 % of its writes EXTENTS changes (up to 24 extents under one seq).
+MANY_OPS = with_many(7, OPS, SIZE, share=0.4)
+MANY_TARGETED = [
+    (FaultPoint.JOURNAL_SYNCED, 4),
+    (FaultPoint.REPLICA_WRITE, 7),  # mid-batch: part of the batch is in the replica
+    (FaultPoint.REPLICA_WRITE, 130),
+    (FaultPoint.REPLICA_SYNCED, 2),
+    (FaultPoint.CATALOGUE_COMMIT, 5),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("point", "hit"), MANY_TARGETED, ids=[f"{p}-{h}" for p, h in MANY_TARGETED]
+)
+def test_crash_mid_extents(tmp_path: Path, point: FaultPoint, hit: int) -> None:
+    assert sum(isinstance(op, Many) for op in MANY_OPS) > 30
+
+    def run(store: ReplicaStore, replica: DiskReplica) -> None:
+        apply(replica, MANY_OPS[replica.applied_seq :])
+        replica.checkpoint()
+
+    assert in_child(tmp_path, run, at_hit(point, hit)) == CRASHED
+    check_recovered(tmp_path, MANY_OPS)
 
 
 @pytest.mark.slow
