@@ -2,10 +2,11 @@
 
 Each disk's task reads durable records after the last sequence it handed on, turns
 every DATA into the cheapest equivalent (ZERO for zeros, SAME for an identical write
-still in flight, zstd when it pays), waits for its fair share of the bandwidth, and
-submits it to the `StreamSender`, whose window bounds what is in flight. ACKs from
-the master target release spool segments (on the I/O pool, coalesced per disk) and
-wake the intake if that made room.
+still in flight, zstd when it pays) and every EXTENTS into one message the same way
+(zero extents made ZERO, the payload one zstd frame), waits for its fair share of the
+bandwidth (in wire bytes), and submits it to the `StreamSender`, whose window bounds
+what is in flight. ACKs from the master target release spool segments (on the I/O
+pool, coalesced per disk) and wake the intake if that made room.
 
 After a restart the task starts at the spool's `target_acked_seq`; the sender skips
 what the master target reports durable when it reopens the disk, and the master
@@ -33,10 +34,11 @@ from typing import Any
 from appliance.process.errors import SpoolCorrupt
 from appliance.process.health import Condition, Health
 from appliance.process.optimize import InflightDedupe, Optimizer
+from appliance.process.records import SpoolMessage
 from appliance.process.spool import SpoolStream
 from appliance.process.throttle import FairShare
 from appliance.wire.errors import ShuttingDown, StorageFailure, WireError
-from appliance.wire.messages import Data, DigestReply, DigestRequest, Encoding, Tag
+from appliance.wire.messages import Data, DigestReply, DigestRequest, Encoding, Extents, Tag
 from appliance.wire.sender import StreamSender
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ READ_BYTES = 4 * 1024 * 1024  # spool bytes read per step: a few frames, bounded
 @dataclass
 class ForwardStats:
     frames_out: int = 0
+    extents_frames: int = 0  # EXTENTS among frames_out
     bytes_raw: int = 0  # decoded bytes handed on
     bytes_wire: int = 0  # bytes on the wire after optimisation
     same: int = 0
@@ -231,29 +234,35 @@ class Forwarder:
                     await self.fair.acquire(disk, out.wire_size)
                     await self.sender.submit(out)
                     lane.stats.frames_out += 1
+                    lane.stats.extents_frames += isinstance(out, Extents)
                     lane.stats.bytes_wire += out.wire_size
                     lane.stats.forwarded_seq = lane.submitted = out.seq
                 lane.submitted = after = run[-1].seq
 
-    async def _prepare(self, lane: _Lane, run: list[Data]) -> AsyncIterator[Data]:
-        """A run of DATA in order, deduplicated."""
+    async def _prepare(
+        self, lane: _Lane, run: list[Data | Extents]
+    ) -> AsyncIterator[Data | Extents]:
+        """A run of DATA and EXTENTS in order, DATA deduplicated."""
         disk = lane.stream.disk_id
         for msg in run:
             if msg.seq <= self.sender.acked_seq(disk):
                 continue  # the master target has it already (e.g. after our restart)
             lane.stats.bytes_raw += msg.length
-            # Every DATA is recorded, whatever its encoding: a ZERO between two identical
-            # RAW writes must stop the second from becoming SAME.
-            if lane.dedupe.admit(msg):
+            # Every message is recorded, whatever its encoding: a ZERO (or an EXTENTS)
+            # between two identical RAW writes must stop the second from becoming SAME.
+            if isinstance(msg, Extents):
+                lane.dedupe.sent(msg)
+                yield msg
+            elif lane.dedupe.admit(msg):
                 yield msg
             else:
                 lane.stats.same += 1
                 yield Data(msg.disk_id, msg.seq, msg.offset, msg.length, Encoding.SAME, b"")
 
 
-def _runs(records: list[Data | Tag]) -> Iterator[list[Data] | Tag]:
-    """Split records into runs of DATA and the single tags between them."""
-    run: list[Data] = []
+def _runs(records: list[SpoolMessage]) -> Iterator[list[Data | Extents] | Tag]:
+    """Split records into runs of DATA and EXTENTS and the single tags between them."""
+    run: list[Data | Extents] = []
     for msg in records:
         if isinstance(msg, Tag):
             if run:

@@ -7,10 +7,10 @@ commit) on a small thread pool, then ACKs the agent with the durable sequence an
 the forwarder. Nothing is acknowledged before it is on disk.
 
 Back-pressure: when the spool reaches its limit or its filesystem is full, the shared
-`space` event is cleared and connection handlers stop reading DATA (their bounded
-inbound queues fill, TCP pushes back, agents slow down); nothing is dropped. The event
-is set again when the master target's ACKs free spool segments or a retried commit
-goes through.
+`space` event is cleared and connection handlers stop reading DATA and EXTENTS (their
+bounded inbound queues fill, TCP pushes back, agents slow down); nothing is dropped.
+The event is set again when the master target's ACKs free spool segments or a retried
+commit goes through.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 
 from appliance.process.errors import StorageFull
 from appliance.process.health import Condition, Health
+from appliance.process.records import SpoolMessage
 from appliance.process.spool import SpoolStream
 from appliance.wire.connection import Connection
 from appliance.wire.errors import OutOfWindow, ProtocolViolation, WindowExceeded
-from appliance.wire.messages import Ack, Data, Tag
+from appliance.wire.messages import Ack, Tag
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,9 @@ class IntakeStream:
             self._dirty.set()
             await self._settled.wait()
 
-    def accept(self, conn: Connection, msg: Data | Tag) -> bool:
-        """Check a frame and append it to the spool in memory; False for a resend.
+    def accept(self, conn: Connection, msg: SpoolMessage) -> bool:
+        """Check a frame (DATA, EXTENTS or TAG) and append it to the spool in memory as
+        one record; False for a resend. The window counts payload bytes as on the wire.
 
         Raises SpoolFull (from the spool) with nothing appended: the caller waits for
         space and offers the same frame again."""
@@ -110,7 +112,7 @@ class IntakeStream:
             raise OutOfWindow(
                 f"disk {self.disk_id}: sequence {msg.seq} after {self.spool.appended_seq}"
             )
-        size = msg.wire_size if isinstance(msg, Data) else 0
+        size = 0 if isinstance(msg, Tag) else msg.wire_size
         if self._unacked_bytes and self._unacked_bytes + size > self.window_bytes:
             raise WindowExceeded(
                 f"disk {self.disk_id}: {self._unacked_bytes + size} unacknowledged bytes, "

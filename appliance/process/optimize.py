@@ -1,11 +1,14 @@
 """Data optimisation on the way to the master target: zero extents, zstd, in-flight dedupe.
 
 `Optimizer` turns a RAW `Data` into the cheapest honest encoding: ZERO when every byte
-is zero, ZSTD when compression saves enough, RAW otherwise. Compression runs in a
-thread pool: zstandard releases the GIL while it works, so `workers` threads really
-use `workers` cores while the event loop keeps accepting agents. The zero test stays
-on the loop: comparing with a preallocated zero buffer is a `memcmp` (tens of GB/s)
-that stops at the first non-zero byte, cheaper than a hop to a thread.
+is zero, ZSTD when compression saves enough, RAW otherwise. A RAW `Extents` (many
+changes under one sequence number) gets the same treatment as a whole: its all-zero
+RAW extents become ZERO ones and the rest of the payload is one zstd frame when that
+saves. Compression runs in a thread pool: zstandard releases the GIL while it works,
+so `workers` threads really use `workers` cores while the event loop keeps accepting
+agents. A DATA's zero test stays on the loop (an EXTENTS' runs with its compression):
+comparing with a preallocated zero buffer is a `memcmp` (tens of GB/s) that stops at
+the first non-zero byte, cheaper than a hop to a thread.
 
 `InflightDedupe` answers "is this write a second copy of one still in flight?" for one
 disk stream, so the process server does not ship the same extent twice while the
@@ -22,11 +25,13 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import overload
 
 import xxhash
 import zstandard
 
-from appliance.wire.messages import Data, Encoding
+from appliance.wire.framing import buffer_size
+from appliance.wire.messages import Data, Encoding, Extent, Extents
 
 # Zero detection compares against this buffer piece by piece. `bytes.startswith` takes
 # any buffer (a memoryview into a received frame included) and is a plain memcmp;
@@ -52,17 +57,65 @@ _local = threading.local()
 MIN_LEVEL = -(1 << 17)  # ZSTD_minCLevel(); python-zstandard exports only the maximum
 
 
-def _compress(payload: bytes | memoryview, level: int) -> tuple[bytes, float]:
-    """`payload` compressed at `level` and the CPU seconds this thread spent on it."""
+def _cctx(level: int) -> zstandard.ZstdCompressor:
     cctxs: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctxs", None)
     if cctxs is None:
         cctxs = _local.cctxs = {}
     cctx = cctxs.get(level)
     if cctx is None:
         cctx = cctxs[level] = zstandard.ZstdCompressor(level=level)
+    return cctx
+
+
+def _compress(payload: bytes | memoryview, level: int) -> tuple[bytes, float]:
+    """`payload` compressed at `level` and the CPU seconds this thread spent on it."""
+    cctx = _cctx(level)
     started = time.thread_time()
     packed = cctx.compress(payload)
     return packed, time.thread_time() - started
+
+
+def _without_zero_extents(msg: Extents) -> tuple[tuple[Extent, ...], bytes | memoryview]:
+    """`msg`'s extents and payload with every all-zero RAW extent made ZERO (the same
+    objects when there is none, so the common case copies nothing)."""
+    view = memoryview(msg.payload).cast("B")
+    at = 0
+    zero_at: list[int] = []
+    for i, (_, length, kind) in enumerate(msg.extents):
+        if kind is Encoding.RAW:
+            piece = view[at : at + length]
+            if _ZEROS.startswith(piece) if length <= _ZERO_CHUNK else is_zero(piece):
+                zero_at.append(i)
+            at += length
+    if not zero_at:
+        return msg.extents, msg.payload
+    extents = list(msg.extents)
+    for i in zero_at:
+        extents[i] = extents[i]._replace(kind=Encoding.ZERO)
+    kept: list[memoryview] = []
+    at = 0
+    for old, new in zip(msg.extents, extents, strict=True):
+        if old.kind is Encoding.RAW:
+            if new.kind is Encoding.RAW:
+                kept.append(view[at : at + old.length])
+            at += old.length
+    return tuple(extents), b"".join(kept)
+
+
+def squeeze_extents(msg: Extents, level: int, min_gain: float) -> tuple[Extents, float]:
+    """A RAW `msg` with its zero extents made ZERO and its payload one zstd frame when
+    that saves (below `min_gain` of the RAW bytes); the CPU seconds this thread spent."""
+    started = time.thread_time()
+    extents, payload = _without_zero_extents(msg)
+    size = buffer_size(payload)
+    if size:
+        packed = _cctx(level).compress(payload)
+        if len(packed) < min_gain * size:
+            out = Extents(msg.disk_id, msg.seq, extents, Encoding.ZSTD, packed)
+            return out, time.thread_time() - started
+    if extents is not msg.extents:
+        msg = Extents(msg.disk_id, msg.seq, extents, Encoding.RAW, payload)
+    return msg, time.thread_time() - started
 
 
 class Optimizer:
@@ -74,8 +127,10 @@ class Optimizer:
     `encode_stream` keeps the order of a stream, which DATA sequence numbers need.
 
     Statistics count every message through `encode`/`encode_sync`, pass-throughs
-    included: `bytes_in` decoded bytes, `bytes_out` payload bytes produced,
-    `zero_bytes` decoded bytes sent as ZERO, `compress_seconds` worker CPU time.
+    included: `bytes_in` bytes of the disk changed (an EXTENTS' extents added up),
+    `bytes_out` payload bytes produced, `zero_bytes` decoded bytes sent as ZERO (DATA
+    or extents), `compress_seconds` worker CPU time; `extents` DATA messages sent per
+    encoding, `multi_messages` EXTENTS messages and `multi_extents` the extents in them.
     They are updated on the caller's thread (the loop), never from the pool.
     """
 
@@ -97,7 +152,9 @@ class Optimizer:
         self.bytes_out = 0
         self.zero_bytes = 0
         self.compress_seconds = 0.0
-        self.extents = {enc: 0 for enc in Encoding}  # messages sent per encoding
+        self.extents = {enc: 0 for enc in Encoding}  # DATA messages sent per encoding
+        self.multi_messages = 0  # EXTENTS messages
+        self.multi_extents = 0  # extents in them
 
     @property
     def level(self) -> int:
@@ -132,6 +189,8 @@ class Optimizer:
             "compress_seconds": round(self.compress_seconds, 3),
             "level": self._level,
             **{f"extents_{enc.name.lower()}": count for enc, count in self.extents.items()},
+            "multi_messages": self.multi_messages,
+            "multi_extents": self.multi_extents,
         }
 
     # -- encoding -----------------------------------------------------------------------
@@ -158,16 +217,39 @@ class Optimizer:
         self.compress_seconds += cpu
         return out
 
-    def encode_sync(self, msg: Data) -> Data:
+    def _count_extents(self, msg: Extents, out: Extents, cpu: float = 0.0) -> Extents:
+        self.bytes_in += msg.length
+        self.bytes_out += out.wire_size
+        self.zero_bytes += sum(e.length for e in out.extents if e.kind is Encoding.ZERO)
+        self.multi_messages += 1
+        self.multi_extents += len(out.extents)
+        self.compress_seconds += cpu
+        return out
+
+    @overload
+    def encode_sync(self, msg: Data) -> Data: ...
+    @overload
+    def encode_sync(self, msg: Extents) -> Extents: ...
+    def encode_sync(self, msg: Data | Extents) -> Data | Extents:
         """`encode` on the calling thread (tests, tools); not for concurrent callers."""
+        if isinstance(msg, Extents):
+            if msg.encoding is not Encoding.RAW or not msg.wire_size:
+                return self._count_extents(msg, msg)
+            return self._count_extents(msg, *squeeze_extents(msg, self._level, self.min_gain))
         out = self._shortcut(msg)
         if out is not None:
             return self._count(msg, out)
         packed, cpu = _compress(msg.payload, self._level)
         return self._count(msg, self._choose(msg, packed), cpu)
 
-    async def encode(self, msg: Data) -> Data:
+    @overload
+    async def encode(self, msg: Data) -> Data: ...
+    @overload
+    async def encode(self, msg: Extents) -> Extents: ...
+    async def encode(self, msg: Data | Extents) -> Data | Extents:
         """`msg` in its cheapest encoding; compression runs in the pool, not on the loop."""
+        if isinstance(msg, Extents):
+            return await self._encode_extents(msg)
         out = self._shortcut(msg)
         if out is not None:
             return self._count(msg, out)
@@ -179,9 +261,23 @@ class Optimizer:
             packed, cpu = await loop.run_in_executor(self._pool, _compress, msg.payload, level)
         return self._count(msg, self._choose(msg, packed), cpu)
 
+    async def _encode_extents(self, msg: Extents) -> Extents:
+        # Already compressed, or nothing but ZERO/SAME extents: nothing to gain.
+        if msg.encoding is not Encoding.RAW or not msg.wire_size:
+            return self._count_extents(msg, msg)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_pending)
+        level = self._level
+        async with self._slots:
+            loop = asyncio.get_running_loop()
+            out, cpu = await loop.run_in_executor(
+                self._pool, squeeze_extents, msg, level, self.min_gain
+            )
+        return self._count_extents(msg, out, cpu)
+
     async def encode_stream(
-        self, source: AsyncIterable[Data], depth: int = 8
-    ) -> AsyncIterator[Data]:
+        self, source: AsyncIterable[Data | Extents], depth: int = 8
+    ) -> AsyncIterator[Data | Extents]:
         """Encode a stream with up to `depth` extents in progress, yielding in input order.
 
         The source is not read further while `depth` encodes are outstanding, so a
@@ -189,7 +285,7 @@ class Optimizer:
         """
         if depth < 1:
             raise ValueError(f"depth must be at least 1, not {depth}")
-        pending: deque[asyncio.Future[Data]] = deque()
+        pending: deque[asyncio.Future[Data | Extents]] = deque()
         try:
             async for msg in source:
                 pending.append(asyncio.ensure_future(self.encode(msg)))
@@ -238,6 +334,10 @@ def content_digest(msg: Data) -> int:
     return int(xxhash.xxh3_128_intdigest(msg.payload))
 
 
+def _extent_offset(extent: Extent) -> int:
+    return extent.offset
+
+
 @dataclass(slots=True)
 class _Write:
     seq: int
@@ -268,8 +368,12 @@ class InflightDedupe:
     flight. The costs are one xxh3 (tens of GB/s) per write, none for zero extents.
 
     Every DATA of the stream must go through `sent` (or `admit`), whatever its
-    encoding: a write left out could overlap a live one without killing it, and a
-    later SAME would then tell the master target to keep bytes that have changed.
+    encoding, and so must every EXTENTS: a write left out could overlap a live one
+    without killing it, and a later SAME would then tell the master target to keep
+    bytes that have changed. An EXTENTS only kills the live writes its extents touch
+    (whatever their kind) and never becomes live itself: the agent coalesces a block's
+    writes before it sends, so an identical 4 KiB rewrite still in flight is rare, and
+    hashing and tracking thousands of extents a message would cost on every one.
 
     Resends: a message whose seq is not above the highest one sent is a resend (after
     a reconnect), and `check` never suppresses it. `sent` with such a seq means the
@@ -293,7 +397,7 @@ class InflightDedupe:
         """In-flight writes remembered (live or not)."""
         return len(self._fifo)
 
-    def _own(self, msg: Data) -> None:
+    def _own(self, msg: Data | Extents) -> None:
         if self.disk_id is None:
             self.disk_id = msg.disk_id
         elif msg.disk_id != self.disk_id:
@@ -316,12 +420,15 @@ class InflightDedupe:
             return False
         return live.digest == self._digest(msg)
 
-    def sent(self, msg: Data) -> None:
+    def sent(self, msg: Data | Extents) -> None:
         """Record that `msg` went to the master target (call in sequence order)."""
         self._own(msg)
         if msg.seq <= self._last_seq:
             self.reset()
         self._last_seq = msg.seq
+        if isinstance(msg, Extents):
+            self._overwritten(msg.extents)
+            return
         if msg.length == 0:
             return
         lo, hi = msg.offset, msg.offset + msg.length
@@ -331,6 +438,15 @@ class InflightDedupe:
             digest = live.digest if live is not None and live.length == msg.length else None
         else:
             digest = self._digest(msg)
+        first = self._kill(lo, hi)
+        if digest is not None:  # an unknown SAME only kills what it overlaps
+            self._starts.insert(first, lo)
+            self._live[lo] = _Write(msg.seq, msg.length, digest)
+        self._fifo.append((msg.seq, lo))
+
+    def _kill(self, lo: int, hi: int) -> int:
+        """Kill the live writes overlapping [lo, hi); returns where `lo` would go in
+        the sorted starts."""
         starts = self._starts
         # Live writes are disjoint, so sorted by start they are sorted by end too: the
         # ones overlapping [lo, hi) are the run just before the first start >= hi.
@@ -343,10 +459,37 @@ class InflightDedupe:
             first -= 1
             del self._live[prev]
         del starts[first:stop]
-        if digest is not None:  # an unknown SAME only kills what it overlaps
-            starts.insert(first, lo)
-            self._live[lo] = _Write(msg.seq, msg.length, digest)
-        self._fifo.append((msg.seq, lo))
+        return first
+
+    def _overwritten(self, extents: tuple[Extent, ...]) -> None:
+        """Kill every live write that one of `extents` (ascending, disjoint) touches.
+
+        Walks whichever is shorter: the live writes inside the message's span (few or
+        none while the agent sends EXTENTS only: a bisect or two, whatever the number
+        of extents), or the extents (each a `_kill`, like a DATA's)."""
+        starts = self._starts
+        if not starts:
+            return
+        lo, hi = extents[0].offset, extents[-1].offset + extents[-1].length
+        i = bisect_left(starts, hi)
+        if i - bisect_left(starts, lo) >= len(extents):
+            for offset, length, _ in extents:
+                self._kill(offset, offset + length)
+            return
+        doomed: list[int] = []
+        while i > 0:
+            start = starts[i - 1]
+            end = start + self._live[start].length
+            if end <= lo:
+                break
+            i -= 1
+            # The last extent starting before this write's end overlaps it if any does
+            # (extents are disjoint and ascending, so their ends ascend too).
+            k = bisect_left(extents, end, key=_extent_offset) - 1
+            if k >= 0 and extents[k].offset + extents[k].length > start:
+                doomed.append(i)
+        for i in doomed:  # descending: earlier indexes stay valid
+            del self._live[starts.pop(i)]
 
     def admit(self, msg: Data) -> bool:
         """The forwarder's one call: True = send `msg`'s bytes; False = it is a no-op.

@@ -17,7 +17,14 @@ from appliance.process.errors import SpoolCorrupt
 from appliance.storage.atomic import atomic_write
 from appliance.wire.errors import MalformedBody
 from appliance.wire.framing import Buffer, buffer_size
-from appliance.wire.messages import MAX_EXTENT, Data, MsgType, Tag
+from appliance.wire.messages import (
+    MAX_EXTENT,
+    MAX_EXTENTS_PER_MESSAGE,
+    Data,
+    Extents,
+    MsgType,
+    Tag,
+)
 
 SEGMENT_MAGIC = b"SSSPOOL1"
 SEGMENT_VERSION = 1
@@ -32,10 +39,13 @@ MAGIC_BYTES = struct.pack("<I", RECORD_MAGIC)
 _CRC_AT = 40  # header bytes covered by crc, before the body
 _HCRC_AT = 44  # header bytes covered by hcrc
 _CRC = struct.Struct("<I")
-# A DATA body is its fixed fields plus a payload of about MAX_EXTENT bytes at most (zstd
-# may add a little); anything longer in a header is damage, and bounding it keeps a bad
-# length from driving a huge read.
-MAX_BODY = MAX_EXTENT + (64 << 10)
+# A DATA or EXTENTS body is its fixed fields (and extent table, 13 bytes an extent) plus
+# a payload of about MAX_EXTENT bytes at most (zstd may add a little); anything longer
+# in a header is damage, and bounding it keeps a bad length from driving a huge read.
+MAX_BODY = MAX_EXTENT + (64 << 10) + 13 * MAX_EXTENTS_PER_MESSAGE
+
+# What a stream's records hold: the messages that carry a sequence number.
+SpoolMessage = Data | Extents | Tag
 
 
 class RecordKind(IntEnum):
@@ -43,6 +53,14 @@ class RecordKind(IntEnum):
 
     DATA = MsgType.DATA
     TAG = MsgType.TAG
+    EXTENTS = MsgType.EXTENTS
+
+
+_DECODERS: dict[RecordKind, type[Data] | type[Extents] | type[Tag]] = {
+    RecordKind.DATA: Data,
+    RecordKind.TAG: Tag,
+    RecordKind.EXTENTS: Extents,
+}
 
 
 @dataclass(slots=True)
@@ -56,18 +74,18 @@ class PendingRecord:
     parts: list[Buffer]
     body_len: int
     payload_len: int
-    msg: Data | Tag  # kept so a forwarder can take it from memory once it is durable
+    msg: SpoolMessage  # kept so a forwarder can take it from memory once it is durable
 
     @classmethod
-    def of(cls, msg: Data | Tag, received_ns: int) -> PendingRecord:
+    def of(cls, msg: SpoolMessage, received_ns: int) -> PendingRecord:
         # Byte-format views, so lengths are byte counts wherever the parts go next.
         parts = [memoryview(p).cast("B") if isinstance(p, memoryview) else p for p in msg.encode()]
         body_len = sum(buffer_size(p) for p in parts)
         if body_len > MAX_BODY:  # the wire's frame limit keeps received messages far below
             raise ValueError(f"a {body_len}-byte message body exceeds the spool's {MAX_BODY}")
-        if isinstance(msg, Data):
-            return cls(msg.seq, RecordKind.DATA, received_ns, parts, body_len, msg.wire_size, msg)
-        return cls(msg.seq, RecordKind.TAG, received_ns, parts, body_len, 0, msg)
+        kind = RecordKind(msg.TYPE)
+        payload_len = 0 if isinstance(msg, Tag) else msg.wire_size
+        return cls(msg.seq, kind, received_ns, parts, body_len, payload_len, msg)
 
     @property
     def size(self) -> int:
@@ -116,8 +134,8 @@ def parse_header(buf: bytes | bytearray | memoryview, pos: int) -> RecordHeader 
         return None
     if flags or reserved or seq == 0 or body_len > MAX_BODY or payload_len > body_len:
         return None
-    if kind == RecordKind.DATA:
-        return RecordHeader(pos, RecordKind.DATA, seq, received_ns, body_len, payload_len, crc)
+    if kind in (RecordKind.DATA, RecordKind.EXTENTS):
+        return RecordHeader(pos, RecordKind(kind), seq, received_ns, body_len, payload_len, crc)
     if kind == RecordKind.TAG and payload_len == 0:
         return RecordHeader(pos, RecordKind.TAG, seq, received_ns, body_len, 0, crc)
     return None
@@ -129,11 +147,11 @@ def body_ok(head: bytes | bytearray | memoryview, body: bytes | bytearray | memo
     return crc32c(body, crc32c(head[:_CRC_AT])) == crc
 
 
-def decode_body(header: RecordHeader, body: bytes | bytearray, disk_id: str) -> Data | Tag:
+def decode_body(header: RecordHeader, body: bytes | bytearray, disk_id: str) -> SpoolMessage:
     """The message a verified record holds; SpoolCorrupt if it does not decode to a
     message of this stream and sequence (the CRC matched, so it was written wrong)."""
     try:
-        msg: Data | Tag = (Data if header.kind is RecordKind.DATA else Tag).decode(body)
+        msg: SpoolMessage = _DECODERS[header.kind].decode(body)
     except MalformedBody as exc:
         raise SpoolCorrupt(f"stream {disk_id}: undecodable record: {exc}", header.seq) from exc
     if msg.disk_id != disk_id or msg.seq != header.seq:

@@ -15,6 +15,7 @@ from appliance.process.errors import ProcessError, SpoolFull
 from appliance.process.forwarder import Forwarder
 from appliance.process.health import Condition, Health
 from appliance.process.intake import IntakeStream
+from appliance.process.records import SpoolMessage
 from appliance.process.spool import Spool
 from appliance.push.errors import PushError
 from appliance.wire.connection import Connection, ConnectionState
@@ -34,6 +35,7 @@ from appliance.wire.messages import (
     DigestReply,
     DigestRequest,
     DiskOpened,
+    Extents,
     Hello,
     OpenDisk,
     Ping,
@@ -143,7 +145,7 @@ class ProcessService:
                     msg = await conn.recv()
                 except ConnectionClosed:
                     return
-                if isinstance(msg, Data | Tag):
+                if isinstance(msg, Data | Extents | Tag):
                     stream = self._streams.get(msg.disk_id)
                     if stream is None:
                         raise UnknownDisk(f"disk {msg.disk_id!r} was not opened")
@@ -173,7 +175,7 @@ class ProcessService:
             for stream in owned:
                 stream.detach(conn)
 
-    async def _accept(self, stream: IntakeStream, conn: Connection, msg: Data | Tag) -> None:
+    async def _accept(self, stream: IntakeStream, conn: Connection, msg: SpoolMessage) -> None:
         # Holding `msg` while there is no room is what pauses this agent: we stop
         # reading its connection until the spool drains.
         while True:
@@ -283,6 +285,8 @@ class ProcessService:
                 "bytes_raw_out": forwarded.bytes_raw if forwarded else 0,
                 "bytes_wire_out": forwarded.bytes_wire if forwarded else 0,
                 "same_frames": forwarded.same if forwarded else 0,
+                "frames_out": forwarded.frames_out if forwarded else 0,
+                "extents_frames": forwarded.extents_frames if forwarded else 0,
             })  # fmt: skip
         optimizer = self.forwarder.optimizer if self.forwarder else None
         sender = self.forwarder.sender if self.forwarder else None

@@ -94,20 +94,23 @@ class Spool:
         record = RECORD_HEADER body
         RECORD_HEADER (48 bytes, little endian)
             magic        u32  0x4C4F4F50 (b"POOL" on disk)
-            kind         u8   the wire message type: 5 DATA, 6 TAG
+            kind         u8   the wire message type: 5 DATA, 6 TAG, 17 EXTENTS
             flags        u8   0
             reserved     u16  0
             pos          u64  this record's own log position (resync after damage)
             seq          u64  the message's sequence number
             received_ns  u64  when the process server received it (RPO figures)
             body_len     u32  bytes of body that follow
-            payload_len  u32  DATA payload bytes as on the wire (0 for TAG): backlog
-                              figures without reading bodies
+            payload_len  u32  DATA or EXTENTS payload bytes as on the wire (their
+                              wire_size; 0 for TAG): backlog figures and read
+                              batches without reading bodies
             crc          u32  CRC-32C of the 40 header bytes before it, continued
                               over the body
             hcrc         u32  CRC-32C of the 44 header bytes before it
-        body = the wire message body, exactly as Data.encode()/Tag.encode() give it,
-               so Data.decode()/Tag.decode() give the message back
+        body = the wire message body, exactly as the message's encode() gives it
+               (Data, Tag, Extents), so its decode() gives the message back. An
+               EXTENTS record is one whole message (many extents, one seq): it is
+               written, verified, cut, read and released as one record, like a DATA.
 
     Sequence numbers in a stream are contiguous. A segment rolls over when the next
     record would take it past ``segment_bytes`` (a larger record gets one of its own).

@@ -15,6 +15,7 @@ from appliance.process.errors import SpoolCorrupt, SpoolFull
 from appliance.process.records import (
     RECORD_HEADER,
     PendingRecord,
+    SpoolMessage,
     body_ok,
     decode_body,
     parse_header,
@@ -23,7 +24,6 @@ from appliance.storage.atomic import fsync_dir
 from appliance.storage.faults import FaultPoint, fault_point
 from appliance.storage.segments import SEGMENT_HEADER, Segment
 from appliance.wire.framing import Buffer
-from appliance.wire.messages import Data, Tag
 
 WRITE_CHUNK = 4 << 20  # bytes per pwritev while a commit writes its batch
 _IOV_MAX = 1024  # the kernel's limit on buffers per pwritev/preadv
@@ -223,10 +223,10 @@ def preadv_all(fd: int, bufs: list[bytearray], offset: int) -> int:
 
 def read_run(
     segment: Segment, first_seq: int, positions: list[int], sizes: list[int], disk_id: str
-) -> tuple[list[Data | Tag], SpoolCorrupt | None]:
+) -> tuple[list[SpoolMessage], SpoolCorrupt | None]:
     """Read consecutive records of one segment (one preadv per batch of them) and verify
     them. Returns those read, and the damage that stopped it early, if any."""
-    out: list[Data | Tag] = []
+    out: list[SpoolMessage] = []
     try:
         fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -23,6 +23,7 @@ from appliance.process.records import (
     SEGMENT_VERSION,
     SUFFIX,
     PendingRecord,
+    SpoolMessage,
     StreamMeta,
 )
 from appliance.process.scan import scan_stream
@@ -38,7 +39,6 @@ from appliance.storage.segments import (
     cut_segment,
     load_segments,
 )
-from appliance.wire.messages import Data, Tag
 
 _META_LAZY_NS = 5_000_000_000  # target_acked_seq reaches meta.json at least this often
 
@@ -163,7 +163,7 @@ class SpoolStream:
 
     # -- appending and committing -------------------------------------------------------
 
-    def append(self, msg: Data | Tag, received_ns: int | None = None) -> bool:
+    def append(self, msg: SpoolMessage, received_ns: int | None = None) -> bool:
         """Queue ``msg`` for the next commit; False for a resend already accepted.
 
         No I/O: the record references ``msg``'s payload until it is written, so the
@@ -283,7 +283,7 @@ class SpoolStream:
 
     # -- reading -----------------------------------------------------------------------
 
-    def read(self, after_seq: int, max_bytes: int) -> list[Data | Tag]:
+    def read(self, after_seq: int, max_bytes: int) -> list[SpoolMessage]:
         """Durable records with seq > ``after_seq`` in order, up to about ``max_bytes``
         of payload (at least one record if there is any).
 
@@ -295,7 +295,7 @@ class SpoolStream:
             if recent:
                 return recent
             plan = self._plan_read(after_seq, max_bytes)
-            out: list[Data | Tag] = []
+            out: list[SpoolMessage] = []
             for segment, first_seq, positions, sizes in plan:
                 got, damage = read_run(segment, first_seq, positions, sizes, self.disk_id)
                 out += got
@@ -308,7 +308,7 @@ class SpoolStream:
                     raise damage
             return out
 
-    def _read_recent(self, after_seq: int, max_bytes: int) -> list[Data | Tag]:
+    def _read_recent(self, after_seq: int, max_bytes: int) -> list[SpoolMessage]:
         """The records ``read`` would return, from memory, when the first of them is kept
         there (they are forgotten as they are returned); else []."""
         with self._lock:
@@ -320,7 +320,7 @@ class SpoolStream:
                 return []
             if self.corrupt_at_seq is not None and after_seq < self._damage_to:
                 return []  # the disk path knows what to say about damage
-            out: list[Data | Tag] = []
+            out: list[SpoolMessage] = []
             payload = freed = 0
             while recent and (not out or payload + recent[0].payload_len <= max_bytes):
                 rec = recent.popleft()

@@ -7,11 +7,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from appliance.process.spool import Spool, SpoolSettings
 from appliance.process.stream import SpoolStream
 from appliance.storage.faults import set_fault_hook
-from appliance.wire.messages import Data, Tag, TagKind
+from appliance.wire.messages import Data, Encoding, Extent, Extents, Tag, TagKind
 
 # Small segments so a few hundred KiB of records roll over many times; no records kept
 # in memory after commit, so every read goes to the segments (test_spool_recent.py
@@ -21,12 +22,43 @@ DISK = "disk-0"
 MACHINE = "machine-0"
 SIZE = 1 << 30
 
-Message = Data | Tag
+Message = Data | Extents | Tag
 SpoolFactory = Callable[..., Spool]
 
 
+def extents_message(
+    rnd: random.Random, disk_id: str, seq: int, *, compressed: bool = False, count: int = 0
+) -> Extents:
+    """An EXTENTS of ``count`` (default 1-40) ascending extents, RAW (the first always),
+    ZERO and SAME, with a RAW or one-zstd-frame payload."""
+    count = count or rnd.randrange(1, 41)
+    at = rnd.randrange(0, (SIZE >> 12) - 8 * count) << 12
+    extents: list[Extent] = []
+    pieces: list[bytes] = []
+    for i in range(count):
+        length = rnd.randrange(1, 9) << 9
+        kind = (
+            Encoding.RAW
+            if i == 0
+            else rnd.choice([Encoding.RAW] * 3 + [Encoding.ZERO, Encoding.SAME])
+        )
+        extents.append(Extent(at, length, kind))
+        if kind is Encoding.RAW:
+            half = length // 2
+            pieces.append(
+                rnd.randbytes(half) + bytes(rnd.choice(b"xyz") for _ in range(length - half))
+            )
+        at += length + (rnd.randrange(0, 3) << 12)
+    payload = b"".join(pieces)
+    if compressed:
+        packed = zstandard.ZstdCompressor(level=1).compress(payload)
+        return Extents(disk_id, seq, tuple(extents), Encoding.ZSTD, packed)
+    return Extents.of(disk_id, seq, extents, payload)
+
+
 def messages(n: int, seed: int = 1, *, start: int = 1, disk_id: str = DISK) -> list[Message]:
-    """``n`` messages from seq ``start``: RAW, ZSTD and ZERO extents and a tag every 9."""
+    """``n`` messages from seq ``start``: RAW, ZSTD and ZERO extents, RAW and ZSTD
+    EXTENTS, and a tag every 9."""
     rnd = random.Random(seed)
     out: list[Message] = []
     for seq in range(start, start + n):
@@ -40,13 +72,15 @@ def messages(n: int, seed: int = 1, *, start: int = 1, disk_id: str = DISK) -> l
             out.append(Data.compressed(disk_id, seq, offset, text))
         elif kind == 7:
             out.append(Data.zero(disk_id, seq, offset, rnd.randrange(1, 256) << 9))
+        elif kind in (3, 6):
+            out.append(extents_message(rnd, disk_id, seq, compressed=kind == 6))
         else:
             out.append(Data.raw(disk_id, seq, offset, rnd.randbytes(rnd.randrange(1, 32) << 9)))
     return out
 
 
 def payload(msgs: list[Message]) -> int:
-    return sum(m.wire_size for m in msgs if isinstance(m, Data))
+    return sum(m.wire_size for m in msgs if not isinstance(m, Tag))
 
 
 def read_all(stream: SpoolStream, after: int = 0, max_bytes: int = 100 << 10) -> list[Message]:

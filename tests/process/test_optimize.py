@@ -8,6 +8,7 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -20,7 +21,7 @@ from appliance.process.optimize import (
     content_digest,
     is_zero,
 )
-from appliance.wire.messages import Data, Encoding
+from appliance.wire.messages import Data, Encoding, Extent, Extents
 
 MIB = 1024 * 1024
 
@@ -237,7 +238,8 @@ class Model:
     """The rule, by brute force over every in-flight write."""
 
     def __init__(self) -> None:
-        self.writes: list[tuple[int, int, int, bytes]] = []  # seq, offset, length, content
+        # seq, offset, length, content (None: an EXTENTS' extent, never repeated)
+        self.writes: list[tuple[int, int, int, bytes | None]] = []
         self.last = 0
 
     def check(self, seq: int, offset: int, length: int, content: bytes) -> bool:
@@ -246,7 +248,7 @@ class Model:
         same = [w for w in self.writes if (w[1], w[2]) == (offset, length)]
         if not same:
             return False
-        latest = max(same)
+        latest = max(same, key=lambda w: w[0])
         if latest[3] != content:
             return False
         end = offset + length
@@ -254,7 +256,7 @@ class Model:
             w[0] > latest[0] and w[1] < end and offset < w[1] + w[2] for w in self.writes
         )
 
-    def sent(self, seq: int, offset: int, length: int, content: bytes) -> None:
+    def sent(self, seq: int, offset: int, length: int, content: bytes | None) -> None:
         if seq <= self.last:
             self.writes.clear()
         self.last = seq
@@ -275,6 +277,15 @@ def _message(seq: int, offset: int, length: int, fill: int, form: int) -> tuple[
     return Data.raw("d", seq, offset, content), content
 
 
+def _extents_message(seq: int, start: int, specs: list[tuple[int, int, int]]) -> Extents:
+    extents, at = [], start
+    for gap, length, kind in specs:
+        extents.append(Extent(at + gap, length, Encoding(kind)))
+        at += gap + length
+    data = b"e" * sum(e.length for e in extents if e.kind is Encoding.RAW)
+    return Extents.of("d", seq, extents, data)
+
+
 _write = st.tuples(
     # Mostly aligned 4/8-byte writes, so that exact repeats (the True case) are common,
     # plus unaligned ones for partial overlaps.
@@ -284,7 +295,17 @@ _write = st.tuples(
     st.integers(0, 2),  # form: raw, zero, zstd
 )
 _step = st.sampled_from([1] * 12 + [2, 3, 0, -2, -5])  # mostly onwards, some resends/rewinds
+# An EXTENTS: (gap before, length, kind) of each extent, from a start offset.
+_extents = st.tuples(
+    st.integers(0, 40),
+    st.lists(
+        st.tuples(st.integers(0, 6), st.integers(1, 8), st.sampled_from([0, 2, 3])),
+        min_size=1,
+        max_size=5,
+    ),
+)
 _op = st.one_of(
+    st.tuples(st.just("extents"), _step, _extents),
     st.tuples(st.just("write"), _step, _write),
     st.tuples(st.just("write"), _step, _write),
     st.tuples(st.just("write"), _step, _write),
@@ -295,7 +316,7 @@ _op = st.one_of(
 @settings(max_examples=500, deadline=None)
 @given(ops=st.lists(_op, max_size=80))
 def test_dedupe_matches_brute_force_model(
-    ops: list[tuple[str, int, tuple[int, ...] | None]],
+    ops: list[tuple[str, int, Any]],
 ) -> None:
     dedupe, model = InflightDedupe(), Model()
     seq = 0
@@ -306,6 +327,13 @@ def test_dedupe_matches_brute_force_model(
             continue
         assert write is not None
         seq = max(1, seq + step)
+        if kind == "extents":
+            msg = _extents_message(seq, *write)
+            dedupe.sent(msg)
+            for i, extent in enumerate(msg.extents):
+                model.sent(seq, extent.offset, extent.length, None)
+                model.last = seq - 1 if i < len(msg.extents) - 1 else seq  # one seq for all
+            continue
         msg, content = _message(seq, *write)
         expect = model.check(seq, msg.offset, msg.length, content)
         assert dedupe.check(msg) is expect
