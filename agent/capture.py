@@ -38,17 +38,27 @@ DEFAULT_BUDGET = 64 << 20  # bytes copied into memory per capture, at most
 
 @dataclass(frozen=True)
 class Capture:
-    """A consistent point: `extents` are (device offset, bytes) of every dirty chunk,
-    read while frozen; the tag goes after them."""
+    """A consistent point: `data` holds the bytes of every extent of `dirty`, back to
+    back in `dirty.extents()` order, read while frozen; the tag goes after them."""
 
     dirty: DirtyMap
-    extents: tuple[tuple[int, bytes], ...]
+    data: memoryview
     freeze_seconds: float
     copy_seconds: float
 
     @property
     def nbytes(self) -> int:
-        return sum(len(data) for _, data in self.extents)
+        return len(self.data)
+
+    @property
+    def extents(self) -> tuple[tuple[int, memoryview], ...]:
+        """(device offset, its bytes) of each dirty extent: views of `data`, no copy."""
+        out: list[tuple[int, memoryview]] = []
+        position = 0
+        for offset, length in self.dirty.extents():
+            out.append((offset, self.data[position : position + length]))
+            position += length
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -150,7 +160,7 @@ def capture_machine(
             untagged.append(Untagged(dirty, resync, reason or "nothing copied", handle.duration))
         return untagged
     return [
-        Capture(dirty, _slice(buffer, dirty), handle.duration, copy_seconds)
+        Capture(dirty, _view(buffer, dirty), handle.duration, copy_seconds)
         for (dirty, _), buffer in zip(drained, buffers, strict=True)
     ]
 
@@ -206,12 +216,7 @@ def _copy(fd: int, dirty: DirtyMap, handle: Freeze) -> tuple[mmap.mmap | None, s
     return buffer, None
 
 
-def _slice(buffer: mmap.mmap, dirty: DirtyMap) -> tuple[tuple[int, bytes], ...]:
-    """Copy the extents out of the mmap (after the thaw: not on the frozen clock)."""
-    extents: list[tuple[int, bytes]] = []
-    position = 0
-    for offset, length in dirty.extents():
-        extents.append((offset, buffer[position : position + length]))
-        position += length
-    buffer.close()
-    return tuple(extents)
+def _view(buffer: mmap.mmap, dirty: DirtyMap) -> memoryview:
+    """The copied bytes, uncopied: the messages that send them hold slices of this
+    view, and the mmap is unmapped when the last of them is dropped."""
+    return memoryview(buffer)[: sum(length for _, length in dirty.extents())]
