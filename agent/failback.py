@@ -291,6 +291,7 @@ async def _disk(reader: TargetReader, disk: FailbackDisk, chunk: int) -> DiskOut
         return asyncio.run_coroutine_threadsafe(call, loop).result()
 
     fd = _open_exclusive(disk.path, os.O_WRONLY)
+    writes: list[asyncio.Future[None]] = []
     try:
         everything = DirtyMap.full(disk.size, chunk)
         differ = (await asyncio.to_thread(compare, disk.path, everything, remote)).differ
@@ -301,7 +302,11 @@ async def _disk(reader: TargetReader, disk: FailbackDisk, chunk: int) -> DiskOut
         async def fetch(offset: int, length: int) -> None:
             reply = await reader.read(disk.disk_id, offset, length)
             data = reply.decoded()
-            await asyncio.to_thread(_pwrite_all, fd, data, offset)
+            # Cancelling a task does not stop its thread: the write is kept so the
+            # descriptor is closed only after every write into it has returned.
+            write = asyncio.ensure_future(asyncio.to_thread(_pwrite_all, fd, data, offset))
+            writes.append(write)
+            await asyncio.shield(write)
             outcome.bytes_received += reply.wire_size
             outcome.bytes_written += length
 
@@ -324,8 +329,26 @@ async def _disk(reader: TargetReader, disk: FailbackDisk, chunk: int) -> DiskOut
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.to_thread(os.fdatasync, fd)
     finally:
+        await _settle(writes)
         os.close(fd)
     return outcome
+
+
+async def _settle(writes: list[asyncio.Future[None]]) -> None:
+    """Wait until every write thread has returned, even through a cancellation (which
+    is raised again afterwards): a pwrite after the close could land in whatever file
+    reuses the descriptor number."""
+    cancelled = False
+    while not all(write.done() for write in writes):
+        try:
+            await asyncio.wait([w for w in writes if not w.done()])
+        except asyncio.CancelledError:
+            cancelled = True
+    for write in writes:
+        if not write.cancelled():
+            write.exception()  # retrieved: its error, if any, was the task's to report
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

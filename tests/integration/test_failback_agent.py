@@ -5,15 +5,19 @@ travel, and the disk ends equal."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
 
+from agent import failback as failback_module
 from agent.discovery import Disk, Mount, discover
 from agent.failback import (
     FailbackDisk,
@@ -154,6 +158,57 @@ def test_an_empty_or_mismatched_replica_is_refused_before_anything_is_written(
     assert caught.value.code == ErrorCode.INVALID_REQUEST
     assert sha(disk.read_bytes()) == before
     assert not list(daemon.datastore.rglob("fb-new*"))
+
+
+def test_a_failed_read_closes_the_disk_only_after_every_write_returned(
+    daemon: RoleDaemon, tls: TlsMaterial, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read fails while writes of earlier reads are still in their threads: the
+    failback stops, but the disk's descriptor stays open until they have all returned
+    (a pwrite after the close could land in a file that reuses the number)."""
+    replica = os.urandom(SIZE)
+    steps = [*range(0, SIZE - 1536, 1 << 20), SIZE - 1536]
+    tag = uvloop.run(
+        stream(daemon, tls, "fb-slow", [(i, replica[i : i + (1 << 20)]) for i in steps])
+    )
+    fence(daemon, tls, tag)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(SIZE))  # every chunk differs
+
+    writes: list[tuple[str, bool]] = []  # (phase, descriptor still open)
+    real_write = failback_module._pwrite_all
+
+    def slow_write(fd: int, data: bytes | memoryview, offset: int) -> None:
+        writes.append(("start", True))
+        time.sleep(0.3)  # still writing when the failing read's error arrives
+        try:
+            os.fstat(fd)
+            still_open = True
+        except OSError:
+            still_open = False
+        real_write(fd, data, offset)
+        writes.append(("end", still_open))
+
+    real_read = TargetReader.read
+    reads = 0
+
+    async def failing_read(self: TargetReader, disk_id: str, offset: int, length: int) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 2:
+            await asyncio.sleep(0.05)  # after the first read's write has started
+            raise PeerError(ErrorCode.STORAGE_FAILURE, "injected: the replica read failed")
+        return await real_read(self, disk_id, offset, length)
+
+    monkeypatch.setattr(failback_module, "_pwrite_all", slow_write)
+    monkeypatch.setattr(TargetReader, "read", failing_read)
+    with pytest.raises(PeerError, match="injected"):
+        uvloop.run(run_failback(daemon, tls, [FailbackDisk("fb-slow", disk, SIZE)]))
+    started = [w for w in writes if w[0] == "start"]
+    ended = [w for w in writes if w[0] == "end"]
+    assert started, "no write was in flight when the read failed: the test proves nothing"
+    assert len(ended) == len(started)  # none still running after failback returned
+    assert all(still_open for _, still_open in ended)
 
 
 def test_the_reader_and_the_process_server_do_not_cut_each_other(
