@@ -301,6 +301,8 @@ class ProcessService:
                 "reconnects": sender.reconnects if sender else 0,
                 "compression_ratio": round(optimizer.ratio, 3) if optimizer else 1.0,
                 "throttle_bytes_per_s": self.forwarder.fair.rate if self.forwarder else None,
+                # Disks with durable records still to forward: they share the read budget.
+                "draining_disks": self.forwarder.draining if self.forwarder else 0,
             },
             "disks": disks,
             "errors": self.counters.snapshot(),

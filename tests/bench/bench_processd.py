@@ -13,7 +13,8 @@
 2. Many agents: 100 agent connections (one disk each) trickling 32 KiB every 200 ms
    while processd is throttled below the offered load, so every disk has a backlog;
    reported: processd peak RSS (VmHWM; target < 200 MiB) and fairness = the largest
-   per-disk backlog over the median (target <= 2).
+   per-disk backlog over the median (target <= 2). Then the throttle is lifted and all
+   100 backlogs drain at once: `processd_rss_peak_mib_drain` is the peak through that.
 3. Small extents (after the many agents, unthrottled): SMALL_MIB (default 32) of 4 KiB
    extents at random ascending offsets, the same bytes (semi-compressible) sent once as
    one DATA frame per extent and once as EXTENTS messages of 256 extents (1 MiB), on
@@ -257,6 +258,7 @@ def main() -> None:
         # earlier results.
         uvloop.run(rpc(process, tls, "set_throttle", mbps=None))
         uvloop.run(drained(process, tls))
+        rss_drain = vm_hwm(process.process.pid)  # the 100 backlogs drained at once
         # A fresh processd (its spool kept): draining 100 backlogs at once peaks on its
         # own (~340 MiB), and the memory stays with the process.
         process.stop()
@@ -324,6 +326,7 @@ def main() -> None:
         "zstd1_cpu_ms_per_mib": round(statistics.median(zstd1_cpu), 3),
         "processd_cpu_ratio": round(cpu_ratio, 3),
         "processd_rss_peak_mib": round(rss, 1),
+        "processd_rss_peak_mib_drain": round(rss_drain, 1),
         **fairness,
         "small_extents": small_result,
         "runs": RUNS,

@@ -155,7 +155,9 @@ def test_master_target_outage_spools_then_drains(
 
     uvloop.run(run())
     assert file_sha256(replica(target)) == script.images_at([last])[last]
-    assert "target-unreachable" not in status(process, tls)["health"]
+    drained = status(process, tls)
+    assert "target-unreachable" not in drained["health"]
+    assert drained["target"]["draining_disks"] == 0  # the read budget's count went back
     # Drained and acknowledged: the spool gives the space back (the last, active
     # segment within a couple of monitor rounds).
     spool = process.state_dir / "spool" / DISK
