@@ -85,11 +85,17 @@ def test_stream_through_process_server_lands_exactly(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("extents_every", [0, 2], ids=["data", "extents"])
 def test_kill9_process_server_mid_stream(
-    sites: tuple[RoleDaemon, RoleDaemon], tls: TlsMaterial
+    sites: tuple[RoleDaemon, RoleDaemon], tls: TlsMaterial, extents_every: int
 ) -> None:
+    """With EXTENTS (about half the frames, up to 32 extents each) too: an unacknowledged
+    EXTENTS is resent whole by the agent and lands once."""
     process, target = sites
-    script = StreamScript(12, SIZE, count=1500)
+    if extents_every:
+        script = StreamScript(32, SIZE, count=1200, max_blocks=32, extents_every=2)
+    else:
+        script = StreamScript(12, SIZE, count=1500)
     last = len(script.ops)
     rng = random.Random(12)
 

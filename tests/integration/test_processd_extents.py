@@ -9,7 +9,6 @@ replica with the source image the stream describes, bit for bit.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 
 import pytest
@@ -65,36 +64,6 @@ def test_extents_stream_lands_exactly_one_frame_each(
     assert disk["bytes_wire_out"] < disk["bytes_raw_out"], "nothing was compressed"
     assert summary["target"]["compression_ratio"] > 1.2
     assert disk["same_frames"] > 0  # DATA dedupe still works between the EXTENTS
-
-
-@pytest.mark.slow
-def test_kill9_process_server_mid_extents_stream(
-    sites: tuple[RoleDaemon, RoleDaemon], tls: TlsMaterial
-) -> None:
-    process, target = sites
-    script = script_of(32, 1200)
-    last = len(script.ops)
-    rng = random.Random(32)
-
-    async def run() -> None:
-        sender = agent(process, tls)
-        await sender.start()
-        pump = asyncio.create_task(send_all(sender, script))
-        for _ in range(3):
-            await asyncio.sleep(rng.uniform(0.2, 1.0))
-            acked = sender.acked_seq(DISK)
-            process.kill()  # unacknowledged EXTENTS are resent whole by the agent
-            await asyncio.sleep(0.2)
-            await asyncio.to_thread(process.start)
-            assert sender.acked_seq(DISK) >= acked
-        await pump
-        await sender.wait_acked(DISK, last, timeout=60)
-        await sender.close()
-        await target_durable(target, tls, last, 60)
-
-    uvloop.run(run())
-    assert process.starts == 4
-    assert file_sha256(replica(target)) == script.images_at([last])[last]
 
 
 @pytest.mark.slow
