@@ -18,7 +18,6 @@ master target has not yet acknowledged the first.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from bisect import bisect_left
 from collections import deque
@@ -30,6 +29,7 @@ from typing import overload
 import xxhash
 import zstandard
 
+from appliance.storage.compress import compressor
 from appliance.wire.framing import buffer_size
 from appliance.wire.messages import Data, Encoding, Extent, Extents
 
@@ -51,25 +51,12 @@ def is_zero(payload: bytes | bytearray | memoryview) -> bool:
     return all(_ZEROS.startswith(view[i : i + _ZERO_CHUNK]) for i in range(0, n, _ZERO_CHUNK))
 
 
-# One ZstdCompressor per (thread, level): compressor objects are not thread-safe, and
-# building one per call costs more than compressing a small extent.
-_local = threading.local()
 MIN_LEVEL = -(1 << 17)  # ZSTD_minCLevel(); python-zstandard exports only the maximum
-
-
-def _cctx(level: int) -> zstandard.ZstdCompressor:
-    cctxs: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctxs", None)
-    if cctxs is None:
-        cctxs = _local.cctxs = {}
-    cctx = cctxs.get(level)
-    if cctx is None:
-        cctx = cctxs[level] = zstandard.ZstdCompressor(level=level)
-    return cctx
 
 
 def _compress(payload: bytes | memoryview, level: int) -> tuple[bytes, float]:
     """`payload` compressed at `level` and the CPU seconds this thread spent on it."""
-    cctx = _cctx(level)
+    cctx = compressor(level)
     started = time.thread_time()
     packed = cctx.compress(payload)
     return packed, time.thread_time() - started
@@ -109,7 +96,7 @@ def squeeze_extents(msg: Extents, level: int, min_gain: float) -> tuple[Extents,
     extents, payload = _without_zero_extents(msg)
     size = buffer_size(payload)
     if size:
-        packed = _cctx(level).compress(payload)
+        packed = compressor(level).compress(payload)
         if len(packed) < min_gain * size:
             out = Extents(msg.disk_id, msg.seq, extents, Encoding.ZSTD, packed)
             return out, time.thread_time() - started

@@ -14,7 +14,9 @@ import zstandard
 _local = threading.local()
 
 
-def _cctx(level: int) -> zstandard.ZstdCompressor:
+def compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor for ``level`` (made once per thread and level: building
+    one per call costs more than compressing a small extent)."""
     cctxs: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctxs", None)
     if cctxs is None:
         cctxs = _local.cctxs = {}
@@ -26,7 +28,7 @@ def _cctx(level: int) -> zstandard.ZstdCompressor:
 
 def compress(data: bytes, level: int) -> bytes | None:
     """``data`` compressed at ``level``, or None when that would not make it smaller."""
-    packed = _cctx(level).compress(data)
+    packed = compressor(level).compress(data)
     return packed if len(packed) < len(data) else None
 
 

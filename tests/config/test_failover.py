@@ -308,6 +308,16 @@ async def finished(inv: Inventory, job_id: str, timeout: float = 60) -> dict[str
     return job
 
 
+async def resumed(engine: JobEngine, inv: Inventory, job_id: str) -> tuple[int, dict[str, Any]]:
+    """A restarted server: `engine` resumes the unfinished jobs. How many it resumed, and
+    `job_id` once it has finished; the engine is closed after."""
+    count = engine.resume()
+    try:
+        return count, await finished(inv, job_id)
+    finally:
+        await engine.close()
+
+
 @pytest.fixture
 def env(site: Site, tls: TlsMaterial, tmp_path: Path) -> Iterator[Env]:
     inv = Inventory.open(tmp_path / "inv.db")
@@ -425,12 +435,9 @@ def test_a_restart_mid_job_creates_nothing_twice(env: Env, tls: TlsMaterial) -> 
         env.inv.update_job(job_id, step_index=1)
         result = {k: v for k, v in job["result"].items() if k in ("point", "vm", "owner", "copy")}
         env.inv.update_job(job_id, result=result)
-        second = env.engine()
-        assert second.resume() == 1
-        try:
-            return await finished(env.inv, job_id)
-        finally:
-            await second.close()
+        count, job = await resumed(env.engine(), env.inv, job_id)
+        assert count == 1
+        return job
 
     job = asyncio.run(run())
     assert job["state"] == JobState.SUCCEEDED, job["error"]

@@ -34,8 +34,8 @@ from tests.config.test_failover import (
     Env,
     Ops,
     feed,
-    finished,
     flat_of,
+    resumed,
     session_for,
     sha256,
     snapshot,
@@ -110,12 +110,9 @@ def restarted(
         if keep is not None:
             result = {k: v for k, v in (job["result"] or {}).items() if k in keep}
             env.inv.update_job(job_id, result=result)
-        second = env.engine()
-        assert second.resume() == 1
-        try:
-            return await finished(env.inv, job_id)
-        finally:
-            await second.close()
+        count, job = await resumed(env.engine(), env.inv, job_id)
+        assert count == 1
+        return job
 
     job = asyncio.run(run())
     assert job["state"] == JobState.SUCCEEDED, job["error"]

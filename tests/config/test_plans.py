@@ -23,7 +23,7 @@ from appliance.config.plans import PlanSpec, plan_point
 from appliance.vsphere.inventory import PowerState, discover
 from appliance.vsphere.vms import find_vms
 from tests.config import test_failover
-from tests.config.test_failover import Env, feed, finished, session_for, snapshot
+from tests.config.test_failover import Env, feed, finished, resumed, session_for, snapshot
 from tests.conftest import TlsMaterial
 
 site = test_failover.site  # the fixtures, shared
@@ -198,12 +198,9 @@ def test_a_restart_during_group_2_submits_no_child_twice(
         assert job["state"] == JobState.RUNNING and job["step"] == "group-2"
         # As if it had died between submitting group 2's child and recording its id.
         env.inv.update_job(job_id, result={"children": {"1": job["result"]["children"]["1"]}})
-        second = make_engine(env.inv, env.ops)
-        assert second.resume() >= 1
-        try:
-            return await finished(env.inv, job_id)
-        finally:
-            await second.close()
+        count, job = await resumed(make_engine(env.inv, env.ops), env.inv, job_id)
+        assert count >= 1
+        return job
 
     job = asyncio.run(run())
     assert job["state"] == JobState.SUCCEEDED, job["error"]

@@ -12,6 +12,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -60,11 +61,11 @@ async def send_all(sender: StreamSender, script: StreamScript, first: int = 1) -
         await sender.submit(script.message(op, DISK, same_as_raw=True))
 
 
-def test_stream_through_process_server_lands_exactly(
-    sites: tuple[RoleDaemon, RoleDaemon], tls: TlsMaterial
-) -> None:
-    process, target = sites
-    script = StreamScript(11, SIZE, count=400)
+def deliver(
+    process: RoleDaemon, target: RoleDaemon, tls: TlsMaterial, script: StreamScript
+) -> dict[str, Any]:
+    """Send the whole script through processd, wait until targetd has it durable, check
+    the replica against the script's image; processd's status afterwards."""
     last = len(script.ops)
 
     async def run() -> None:
@@ -77,7 +78,14 @@ def test_stream_through_process_server_lands_exactly(
 
     uvloop.run(run())
     assert file_sha256(replica(target)) == script.images_at([last])[last]
-    summary = status(process, tls)
+    return status(process, tls)
+
+
+def test_stream_through_process_server_lands_exactly(
+    sites: tuple[RoleDaemon, RoleDaemon], tls: TlsMaterial
+) -> None:
+    process, target = sites
+    summary = deliver(process, target, tls, StreamScript(11, SIZE, count=400))
     disk = summary["disks"][0]
     assert disk["bytes_wire_out"] < disk["bytes_raw_out"], "nothing was compressed"
     assert summary["target"]["compression_ratio"] > 1.2

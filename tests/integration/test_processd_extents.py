@@ -24,6 +24,7 @@ from tests.integration.test_processd import (
     DISK,
     SIZE,
     agent,
+    deliver,
     replica,
     send_all,
     status,
@@ -46,18 +47,7 @@ def test_extents_stream_lands_exactly_one_frame_each(
     last = len(script.ops)
     extents = [op for op in script.ops if op.kind == "extents"]
     assert len(extents) > 100 and sum(len(op.parts) for op in extents) > 2000
-
-    async def run() -> None:
-        sender = agent(process, tls)
-        await sender.start()
-        await send_all(sender, script)
-        await sender.wait_acked(DISK, last, timeout=60)
-        await sender.close()
-        await target_durable(target, tls, last, 60)
-
-    uvloop.run(run())
-    assert file_sha256(replica(target)) == script.images_at([last])[last]
-    summary = status(process, tls)
+    summary = deliver(process, target, tls, script)
     disk = summary["disks"][0]
     # One frame per sequence number: an EXTENTS is forwarded whole, never split.
     assert (disk["frames_out"], disk["extents_frames"]) == (last, len(extents))

@@ -6,9 +6,7 @@ A torn tail made by hand stands in for power loss (unsynced bytes lost or garble
 
 from __future__ import annotations
 
-import os
 import random
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +18,8 @@ from appliance.process.spool import Spool
 from appliance.process.stream import SpoolStream
 from appliance.storage.faults import FaultPoint, set_fault_hook
 from appliance.storage.segments import SEGMENT_HEADER, create_segment
+from tests import forked
+from tests.forked import CRASHED, crash_where
 from tests.process.conftest import (
     DISK,
     MACHINE,
@@ -33,7 +33,6 @@ from tests.process.conftest import (
 
 MSGS = messages(240, seed=21)
 BATCHES = [random.Random(3).randrange(1, 14) for _ in range(60)]
-CRASHED, FINISHED = 77, 0
 
 
 def run_stream(spool: Spool, stream: SpoolStream, acked: Path) -> None:
@@ -54,25 +53,13 @@ def run_stream(spool: Spool, stream: SpoolStream, acked: Path) -> None:
 def in_child(tmp_path: Path, crash: Callable[[FaultPoint], bool]) -> int:
     """Fork; in the child open the spool, install a hook that exits where ``crash``
     says, run the stream. Returns the child's exit code."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child never returns
-        code = 1
-        try:
 
-            def hook(point: FaultPoint) -> None:
-                if crash(point):
-                    os._exit(CRASHED)
+    def body() -> None:
+        crash_where(crash)
+        spool = Spool(tmp_path / "spool", SMALL)
+        run_stream(spool, spool.stream(DISK, MACHINE, SIZE), tmp_path / "acked")
 
-            set_fault_hook(hook)
-            spool = Spool(tmp_path / "spool", SMALL)
-            run_stream(spool, spool.stream(DISK, MACHINE, SIZE), tmp_path / "acked")
-            code = FINISHED
-        except BaseException:  # noqa: BLE001 - the child reports any failure, then exits
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return forked.in_child(body)
 
 
 def at_hit(point: FaultPoint | None, hit: int) -> Callable[[FaultPoint], bool]:

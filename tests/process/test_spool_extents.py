@@ -5,9 +5,7 @@ accepted again when resent, a damaged one reported, never dropped."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
-import traceback
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,9 @@ from appliance.process.records import (
     parse_header,
 )
 from appliance.process.spool import Spool
-from appliance.storage.faults import FaultPoint, set_fault_hook
+from appliance.storage.faults import FaultPoint
 from appliance.wire.messages import Encoding, Extents, Tag
+from tests.forked import CRASHED, crash_where, in_child
 from tests.process.conftest import (
     DISK,
     MACHINE,
@@ -36,8 +35,6 @@ from tests.process.conftest import (
     records_in,
     segment_files,
 )
-
-CRASHED = 77
 
 
 def body(msg: Extents) -> bytes:
@@ -97,32 +94,25 @@ def test_a_record_that_decodes_wrong_is_corruption() -> None:
 def crash_in_child(tmp_path: Path, before: list, torn: Extents) -> int:  # type: ignore[type-arg]
     """Fork: commit ``before`` (noting the acked seq), then append ``torn`` and die
     (like kill -9) after the first piece of its commit reached the file."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child never returns
-        code = 1
-        try:
-            spool = Spool(tmp_path / "spool", SMALL)
-            stream = spool.stream(DISK, MACHINE, SIZE)
-            for msg in before:
-                stream.append(msg)
-            (tmp_path / "acked").write_text(str(stream.commit()))
-            writes = 0
 
-            def hook(point: FaultPoint) -> None:
-                nonlocal writes
-                writes += point is FaultPoint.SPOOL_WRITE
-                if writes == 2:
-                    os._exit(CRASHED)
+    def body() -> None:
+        spool = Spool(tmp_path / "spool", SMALL)
+        stream = spool.stream(DISK, MACHINE, SIZE)
+        for msg in before:
+            stream.append(msg)
+        (tmp_path / "acked").write_text(str(stream.commit()))
+        writes = 0
 
-            set_fault_hook(hook)
-            stream.append(torn)
-            stream.commit()
-        except BaseException:  # noqa: BLE001 - the child reports any failure, then exits
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+        def second_write(point: FaultPoint) -> bool:
+            nonlocal writes
+            writes += point is FaultPoint.SPOOL_WRITE
+            return writes == 2
+
+        crash_where(second_write)
+        stream.append(torn)
+        stream.commit()
+
+    return in_child(body)
 
 
 def test_kill9_mid_extents_record_cuts_it_and_takes_the_resend(

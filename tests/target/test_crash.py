@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,37 +17,26 @@ from appliance.storage.faults import FaultPoint, set_fault_hook
 from appliance.target.journal import SEGMENT_HEADER
 from appliance.target.replica import DiskReplica
 from appliance.target.store import ReplicaStore
+from tests import forked
+from tests.forked import CRASHED, FINISHED, crash_where
 from tests.target.conftest import SMALL
 from tests.target.model import Many, Op, Tag, apply, flat_of, image, random_stream, with_many
 
 SIZE = 192 << 10
 OPS = random_stream(2024, SIZE, 160, max_sectors=48, tag_every=10)
-CRASHED, FINISHED = 77, 0
 
 
 def in_child(tmp_path: Path, body: Callable[[ReplicaStore, DiskReplica], None],
              crash: Callable[[FaultPoint], bool]) -> int:  # fmt: skip
     """Fork; in the child open the store, install a hook that exits where ``crash``
     says, run ``body``. Returns the child's exit code."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child never returns
-        code = 1
-        try:
 
-            def hook(point: FaultPoint) -> None:
-                if crash(point):
-                    os._exit(CRASHED)
+    def run() -> None:
+        crash_where(crash)
+        store = ReplicaStore(tmp_path / "state", tmp_path / "datastore", SMALL)
+        body(store, store.open_disk("d", "m", SIZE))
 
-            set_fault_hook(hook)
-            store = ReplicaStore(tmp_path / "state", tmp_path / "datastore", SMALL)
-            body(store, store.open_disk("d", "m", SIZE))
-            code = FINISHED
-        except BaseException:  # noqa: BLE001 - the child reports any failure, then exits
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return forked.in_child(run)
 
 
 def at_hit(point: FaultPoint | None, hit: int) -> Callable[[FaultPoint], bool]:
