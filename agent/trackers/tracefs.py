@@ -39,6 +39,7 @@ import re
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,6 +138,11 @@ class TracefsTracker:
         self._reader: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()  # cuts the reader's nap short: a drain waits
+        # Called by the reader thread (without the lock) when the set goes from empty to
+        # not empty, at most once between two drains: lets the caller drain as writes
+        # come instead of polling an idle disk.
+        self.on_dirty: Callable[[], None] | None = None
+        self._signalled = False
         self._events = self._lines = self._barriers = 0
         self._lost_lines = self._unparsed = self._lost_counters = 0
 
@@ -212,6 +218,7 @@ class TracefsTracker:
             if not barrier:
                 with self._lock:
                     drained, self._dirty = self._dirty, DirtyMap(self.size, self.chunk)
+                    self._signalled = False
             else:
                 drained = self._barrier_drain(self.barrier_timeout if timeout is None else timeout)
             self._check_counters()
@@ -282,6 +289,7 @@ class TracefsTracker:
         """With the lock held: swap the dirty map out once every marker is back."""
         if not pending.waiting and pending.result is None:
             pending.result, self._dirty = self._dirty, DirtyMap(self.size, self.chunk)
+            self._signalled = False
             self._barriers += 1
             pending.done.set()
 
@@ -347,6 +355,7 @@ class TracefsTracker:
         """Mark every event of a batch, in order, under one lock hold, so a barrier that
         completes in the middle swaps the map out at exactly that line."""
         size = self.size
+        events = self._events
         with self._lock:
             self._lines += len(lines)
             for line in lines:
@@ -364,6 +373,11 @@ class TracefsTracker:
                         self._dirty.mark(start, end - start)
                     continue
                 self._other_line(line)
+            signal = self._events != events and not self._signalled and self.on_dirty
+            if signal:
+                self._signalled = True
+        if signal:
+            signal()
 
     def _other_line(self, line: bytes) -> None:
         if line.startswith(_MARK):

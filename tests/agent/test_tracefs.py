@@ -7,6 +7,7 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,6 +101,30 @@ def test_queue_and_completion_both_mark(fs: tuple[Disk, Path], tracker: TracefsT
     written = {device_offset(mnt / "f", i * CHUNK) // tracker.chunk for i in range(16)}
     assert written <= dirty
     assert tracker.stats().events - before >= 2 * 16
+
+
+def test_on_dirty_fires_once_per_drain_when_writes_come(
+    fs: tuple[Disk, Path], tracker: TracefsTracker
+) -> None:
+    """The reader calls `on_dirty` when the set goes from empty to not empty, once until
+    the next drain, and not at all while nothing is written: the agent drains on it
+    instead of polling an idle disk."""
+    _, mnt = fs
+    write(mnt / "f", 1 << 20)
+    tracker.drain()
+    calls: list[float] = []
+    tracker.on_dirty = lambda: calls.append(time.monotonic())
+    time.sleep(0.3)
+    assert calls == []  # idle: no call
+    for round_ in (1, 2):
+        for _ in range(3):
+            write(mnt / "f", 64 << 10)
+        deadline = time.monotonic() + 5.0
+        while len(calls) < round_ and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # more writes' events were read meanwhile: still one call
+        assert len(calls) == round_, calls
+        assert tracker.drain()  # and the drain re-arms it
 
 
 @pytest.mark.parametrize("barrier", [True, False])
