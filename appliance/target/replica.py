@@ -410,7 +410,11 @@ class DiskReplica:
         """
         if not self._batch:
             return
-        batch, touched = self._batch, self._touched
+        # In offset order: the extents of a batch never overlap (see _accept), and the
+        # kernel writes (and reads) pages in ascending order several times faster than
+        # scattered ones: 5120 random 4 KiB pwrites into a cached file 16 us each, 5.5
+        # sorted (ext4 here), and the undo groups below become contiguous ranges.
+        batch, touched = sorted(self._batch, key=_by_offset), self._touched
         self._batch, self._touched, self._batch_bytes = [], Coverage(), 0
         encoded: list[Future[list[PendingRecord]]] = []
         try:
@@ -445,9 +449,9 @@ class DiskReplica:
     def _encode(self, group: list[_Extent]) -> list[PendingRecord]:
         out: list[PendingRecord] = []
         holes = HoleMap(self._fd)
-        # Ascending, so one pair of lseeks answers for a whole run of holes or of data;
-        # extents of one batch never overlap, so the order of their records is free.
-        for ext in sorted(group, key=_by_offset):
+        # Ascending (the batch is sorted), so one pair of lseeks answers for a whole run
+        # of holes or of data; extents of a batch never overlap: record order is free.
+        for ext in group:
             if holes.is_hole(ext.offset, ext.length):
                 out.extend(encode_zeros(ext.seq, ext.offset, ext.length))
                 continue
