@@ -112,11 +112,16 @@ def capture_machine(
     pre: Sequence[str] | None = None,
     post: Sequence[str] | None = None,
     on_frozen: Callable[[], None] | None = None,
+    hold: Callable[[float], bool] | None = None,
 ) -> list[Capture | Untagged]:
     """`capture_consistent` for all the disks of one machine inside ONE freeze, so one
     tag id can mark the same instant on every disk. All or nothing: if any disk cannot
     be captured, every disk gets `Untagged` (with what was drained from it). `budget`
-    and `read_rate` apply to the machine's total; results are in `disks` order."""
+    and `read_rate` apply to the machine's total; results are in `disks` order.
+
+    `hold`, if given, is called frozen after the copy with the seconds left of the bound
+    and keeps the filesystems frozen until it returns: True to go on, False to give up
+    the point (the caller's own reads that must end before the thaw did not)."""
     for _, fd in disks:
         if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             raise ValueError("capture_consistent needs the device opened with O_DIRECT")
@@ -139,6 +144,8 @@ def capture_machine(
                         break
                     buffers.append(buffer)
                 copy_seconds = time.monotonic() - started
+                if reason is None and hold is not None and not hold(handle.remaining()):
+                    reason = "the reads before the point did not end inside the freeze bound"
                 if reason is None and on_frozen is not None:
                     on_frozen()
     except (FreezeTimeout, QuiesceFailed, BarrierTimeout) as err:

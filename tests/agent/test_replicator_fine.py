@@ -9,13 +9,17 @@ import asyncio
 import mmap
 import os
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import uvloop
 
 from agent.discovery import Disk
+from agent.lead_in import Pacing
 from agent.replicator import AckRelay, Replicator
+from agent.replicator_disk import DiskRun
 from agent.trackers.tracefs import TracefsTracker
 from tests.agent.test_replicator import (
     MACHINE,
@@ -109,3 +113,107 @@ def test_a_requested_point_after_random_4k_writes_is_exact(
         await sender.close()
 
     uvloop.run(run())
+
+
+class Rewriter(threading.Thread):
+    """4 KiB O_DIRECT overwrites of random blocks of `path` as fast as they go, until
+    stopped; each blocks while the filesystem is frozen and lands the moment it thaws."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.halt = threading.Event()
+        self.writes = 0
+
+    def run(self) -> None:
+        rng = random.Random(7)
+        blocks = self.path.stat().st_size // BLOCK
+        buffer = mmap.mmap(-1, BLOCK)
+        fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+        try:
+            while not self.halt.is_set():
+                buffer[:] = rng.randbytes(BLOCK)
+                os.pwrite(fd, buffer, rng.randrange(blocks) * BLOCK)
+                self.writes += 1
+        finally:
+            os.close(fd)
+            buffer.close()
+
+
+def test_reads_overlapping_the_freeze_end_before_the_thaw(
+    sites: tuple[RoleDaemon, RoleDaemon],
+    disk: tuple[Disk, Path],
+    tls: TlsMaterial,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last live reads before a point run while FIFREEZE is being taken (all of
+    them here: the pacing is forced), and the capture keeps the filesystem frozen until
+    they have ended. With those reads slowed down (injected) and a writer rewriting
+    blocks the moment the filesystem thaws, every point still equals the frozen device;
+    reads slower than the freeze bound cost the point (untagged, with the reason),
+    never its exactness."""
+    process, target = sites
+    source, mnt = disk
+    with open(mnt / "data", "wb") as f:
+        f.write(os.urandom(16 << 20))
+        os.fsync(f.fileno())
+    frozen: dict[str, str] = {}
+    delay = [0.0]
+    read_extents = DiskRun.read_extents
+
+    def slow_read(run: DiskRun, extents: list[tuple[int, int]]) -> memoryview:
+        time.sleep(delay[0])  # a slow disk: the bytes are read after the wait
+        return read_extents(run, extents)
+
+    monkeypatch.setattr(DiskRun, "read_extents", slow_read)
+    monkeypatch.setattr(Pacing, "tail_bytes", lambda self, limit: limit)
+    writer = Rewriter(mnt / "data")
+
+    async def run() -> None:
+        acks = AckRelay()
+        sender = make_sender(process, tls, acks)
+        rep = Replicator(
+            [source], sender, TracefsTracker, tmp_path / "agent", machine_id=MACHINE,
+            acks=acks, tag_interval=3600.0, app_interval=None, freeze_timeout=1.0,
+            on_frozen=lambda tag_id: frozen.__setitem__(tag_id, device_sha256(source)),
+        )  # fmt: skip
+        (disk_id,) = rep.disk_ids
+        await sender.start()
+        await rep.start()
+        await rep.wait_initial(timeout=60)
+        async with asyncio.timeout(30):  # the first point comes by itself
+            while not rep.tags(disk_id):
+                await asyncio.sleep(0.05)
+        writer.start()
+        delay[0] = 0.3  # longer than taking the freeze and copying: the gate must hold
+        checked = 0
+        while checked < 2:
+            seen = set(rep.tags(disk_id))
+            rep.request_tag()
+            async with asyncio.timeout(30):
+                while not set(rep.tags(disk_id)) - seen:
+                    await asyncio.sleep(0.05)
+            (tag_id,) = set(rep.tags(disk_id)) - seen
+            await target_durable(target, tls, disk_id, rep.tags(disk_id)[tag_id])
+            image = await materialized_sha256(target, tls, tag_id, f"-gate{checked}", tmp_path)
+            assert image == frozen[tag_id]
+            checked += 1
+        delay[0] = 1.5  # past the 1 s bound: no point, and it says why
+        before = rep.status()[disk_id]["untagged_rounds"]
+        rep.request_tag()
+        async with asyncio.timeout(30):
+            while rep.status()[disk_id]["untagged_rounds"] == before:
+                await asyncio.sleep(0.05)
+        reason = str(rep.status()[disk_id]["last_untagged_reason"])
+        assert "did not end inside the freeze bound" in reason
+        writer.halt.set()
+        await asyncio.to_thread(writer.join)
+        await rep.stop()
+        await sender.close()
+        assert writer.writes > 0
+
+    try:
+        uvloop.run(run())
+    finally:
+        writer.halt.set()
