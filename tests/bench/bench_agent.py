@@ -24,6 +24,8 @@ daemons and the agent run as separate processes, wired as the lab wires them.
     RPC) under random 4 KiB O_DIRECT writes at 20 and 54 MB/s, default tag_interval 5 s.
 (d) agent CPU seconds (as a share of one core over each window) and RSS (VmHWM, and
     the largest VmRSS sampled) during (a) and (c), from /proc/PID.
+(e) agent CPU share over IDLE_SECONDS with nothing written and no tag due (after
+    the deltas, per tracker): what the live drains cost an idle machine.
 One JSON line per measurement; the last line printed is one JSON object with them all.
 """
 
@@ -88,6 +90,7 @@ def make_pki(directory: Path, names: list[str]) -> LabPki:
 
 MIB = 1 << 20
 DELTA_TAG_INTERVAL = 600.0  # points only when asked (SIGUSR1), after the initial one
+IDLE_SECONDS = 10.0  # (e) agent CPU with nothing to replicate, after the deltas
 TICK = os.sysconf("SC_CLK_TCK")
 WRITER = """
 import mmap, os, random, sys, time
@@ -353,6 +356,17 @@ def delta(c: Chain, machine: str, tracker: str, agent: Proc, writes: int, *,
     })  # fmt: skip
 
 
+def idle(c: Chain, machine: str, tracker: str, agent: Proc, seconds: float) -> dict[str, Any]:
+    """The agent's CPU with nothing written and no tag due: its live drains' fixed cost."""
+    time.sleep(1.0)  # the last delta's sends and acks settle
+    cpu0, wall0 = cpu_seconds(agent.pid), time.monotonic()
+    time.sleep(seconds)
+    cpu, wall = cpu_seconds(agent.pid) - cpu0, time.monotonic() - wall0
+    return emit({"measure": "idle", "tracker": tracker, "seconds": round(wall, 1),
+                 "agent_cpu_s": round(cpu, 3),
+                 "agent_cpu_share": round(cpu / wall, 4)})  # fmt: skip
+
+
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = [k for k in ("seconds", "tag_after_s", "sent_mib", "literal_mib") if k in runs[0]]
     return emit({
@@ -446,6 +460,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             ]
             results += runs
             medians[tracker] = median_of(runs)
+            results.append(idle(c, machine, tracker, agent, IDLE_SECONDS))
             stop(agent)
         if shutil.which("rsync") is None:
             results.append(emit({"measure": "delta", "tracker": "rsync",
