@@ -10,6 +10,7 @@ from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
 from enum import IntEnum
+from itertools import accumulate
 from pathlib import Path
 
 from appliance.checksum import crc32c
@@ -42,6 +43,7 @@ _CRC = struct.Struct("<I")
 # A DATA or EXTENTS body is its fixed fields (and extent table, 13 bytes an extent) plus
 # a payload of about MAX_EXTENT bytes at most (zstd may add a little); anything longer
 # in a header is damage, and bounding it keeps a bad length from driving a huge read.
+READ_RECORDS = 4096  # records returned by one read at most (each is a Python object)
 MAX_BODY = MAX_EXTENT + (64 << 10) + 13 * MAX_EXTENTS_PER_MESSAGE
 
 # What a stream's records hold: the messages that carry a sequence number.
@@ -231,11 +233,15 @@ class RecordIndex:
         return self.cum[j] - self._cum_before(i) if i <= j else 0
 
     def count_within(self, first_seq: int, last_seq: int, max_bytes: int) -> int:
-        """How many records from ``first_seq`` (up to ``last_seq``) fit ``max_bytes`` of
-        payload; at least one."""
+        """How many records from ``first_seq`` (up to ``last_seq``) fit ``max_bytes``,
+        counting their payload and their whole size on disk, and READ_RECORDS at most;
+        at least one. Payload alone would not bound a run of records without any (tags,
+        ZERO, all-ZERO EXTENTS whose tables reach ~213 KB): they would all be read."""
         i, j = first_seq - self.base, last_seq - self.base
         fits = bisect_right(self.cum, self._cum_before(i) + max_bytes, i, j + 1) - i
-        return max(1, fits)
+        fits = min(fits, READ_RECORDS)
+        whole = bisect_right(list(accumulate(self.size[i : i + fits])), max_bytes)
+        return max(1, whole)
 
     def drop_before(self, seq: int) -> None:
         """Forget the records below ``seq``; an empty index moves its base to ``seq``."""

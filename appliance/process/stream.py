@@ -19,6 +19,7 @@ from appliance.process.errors import (
     StreamMismatch,
 )
 from appliance.process.records import (
+    READ_RECORDS,
     SEGMENT_MAGIC,
     SEGMENT_VERSION,
     SUFFIX,
@@ -322,7 +323,11 @@ class SpoolStream:
                 return []  # the disk path knows what to say about damage
             out: list[SpoolMessage] = []
             payload = freed = 0
-            while recent and (not out or payload + recent[0].payload_len <= max_bytes):
+            # The same bounds as RecordIndex.count_within: payload, whole size, count.
+            while recent and (not out or (
+                payload + recent[0].payload_len <= max_bytes
+                and freed + recent[0].size <= max_bytes and len(out) < READ_RECORDS
+            )):  # fmt: skip
                 rec = recent.popleft()
                 out.append(rec.msg)
                 payload += rec.payload_len

@@ -20,11 +20,20 @@ from appliance.process.errors import (
     StreamMismatch,
     UnknownStream,
 )
+from appliance.process.records import READ_RECORDS
 from appliance.process.spool import SpoolSettings, validate_name
 from appliance.storage.segments import SEGMENT_HEADER
 from appliance.target.errors import InvalidName as TargetInvalidName
 from appliance.target.vmdk import validate_name as target_validate_name
-from appliance.wire.messages import Data, Encoding, Tag, TagKind
+from appliance.wire.messages import (
+    MAX_EXTENTS_PER_MESSAGE,
+    Data,
+    Encoding,
+    Extent,
+    Extents,
+    Tag,
+    TagKind,
+)
 from tests.process.conftest import (
     DISK,
     MACHINE,
@@ -90,6 +99,31 @@ def test_read_boundaries(open_spool: SpoolFactory) -> None:
     assert stream.read(300, 1 << 20) == []
     stream.commit()
     assert stream.read(300, 1 << 20) == extra
+
+
+def test_reads_of_records_without_payload_are_bounded(open_spool: SpoolFactory) -> None:
+    """Payload bytes alone would not bound a read of records that carry none: tags, and
+    all-ZERO EXTENTS whose tables alone reach ~213 KB. A read also stops at
+    READ_RECORDS records and at max_bytes of whole records, from memory as from disk."""
+    tables = [
+        Extents.of(DISK, seq, [Extent(i * 8192, 4096, Encoding.ZERO)
+                               for i in range(MAX_EXTENTS_PER_MESSAGE)], b"")
+        for seq in range(1, 21)
+    ]  # fmt: skip
+    tags = [
+        Tag(DISK, seq, f"t{seq}", TagKind.CRASH, seq) for seq in range(21, 21 + 3 * READ_RECORDS)
+    ]
+    spool, stream = fill(open_spool, [*tables, *tags], every=1000)
+    for source in ("memory", "disk"):
+        if source == "disk":
+            spool.close()
+            stream = open_spool().get(DISK)
+        first = stream.read(0, 1 << 20)  # 1 MiB: four tables of ~213 KB, not all twenty
+        assert 1 <= len(first) <= 5 and first == tables[: len(first)], source
+        assert len(stream.read(0, 0)) == 1  # a record larger than the budget still goes
+        batch = stream.read(20, 1 << 30)
+        assert batch == tags[:READ_RECORDS], source
+        assert read_all(stream) == [*tables, *tags], source
 
 
 def test_release_deletes_exactly_the_acked_segments(
