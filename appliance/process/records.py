@@ -40,10 +40,10 @@ MAGIC_BYTES = struct.pack("<I", RECORD_MAGIC)
 _CRC_AT = 40  # header bytes covered by crc, before the body
 _HCRC_AT = 44  # header bytes covered by hcrc
 _CRC = struct.Struct("<I")
+READ_RECORDS = 4096  # records returned by one read at most (each is a Python object)
 # A DATA or EXTENTS body is its fixed fields (and extent table, 13 bytes an extent) plus
 # a payload of about MAX_EXTENT bytes at most (zstd may add a little); anything longer
 # in a header is damage, and bounding it keeps a bad length from driving a huge read.
-READ_RECORDS = 4096  # records returned by one read at most (each is a Python object)
 MAX_BODY = MAX_EXTENT + (64 << 10) + 13 * MAX_EXTENTS_PER_MESSAGE
 
 # What a stream's records hold: the messages that carry a sequence number.
