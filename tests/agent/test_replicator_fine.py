@@ -21,6 +21,7 @@ from agent.lead_in import Pacing
 from agent.replicator import AckRelay, Replicator
 from agent.replicator_disk import DiskRun
 from agent.trackers.tracefs import TracefsTracker
+from appliance.wire.sender import StreamSender
 from tests.agent.test_replicator import (
     MACHINE,
     device_sha256,
@@ -59,6 +60,34 @@ def random_writes(path: Path, count: int, seed: int) -> dict[int, bool]:
     return written
 
 
+async def first_point(
+    process: RoleDaemon,
+    tls: TlsMaterial,
+    source: Disk,
+    tmp_path: Path,
+    frozen: dict[str, str],
+    *,
+    freeze_timeout: float = 1.0,
+) -> tuple[Replicator, StreamSender, str]:
+    """A replicator of `source` whose points come only when asked (after the first,
+    which this waits for), recording the frozen device's hash of each in `frozen`."""
+    acks = AckRelay()
+    sender = make_sender(process, tls, acks)
+    rep = Replicator(
+        [source], sender, TracefsTracker, tmp_path / "agent", machine_id=MACHINE,
+        acks=acks, tag_interval=3600.0, app_interval=None, freeze_timeout=freeze_timeout,
+        on_frozen=lambda tag_id: frozen.__setitem__(tag_id, device_sha256(source)),
+    )  # fmt: skip
+    (disk_id,) = rep.disk_ids
+    await sender.start()
+    await rep.start()
+    await rep.wait_initial(timeout=60)
+    async with asyncio.timeout(30):  # the first point comes by itself
+        while not rep.tags(disk_id):
+            await asyncio.sleep(0.05)
+    return rep, sender, disk_id
+
+
 def test_a_requested_point_after_random_4k_writes_is_exact(
     sites: tuple[RoleDaemon, RoleDaemon],
     disk: tuple[Disk, Path],
@@ -73,20 +102,7 @@ def test_a_requested_point_after_random_4k_writes_is_exact(
     frozen: dict[str, str] = {}
 
     async def run() -> None:
-        acks = AckRelay()
-        sender = make_sender(process, tls, acks)
-        rep = Replicator(
-            [source], sender, TracefsTracker, tmp_path / "agent", machine_id=MACHINE,
-            acks=acks, tag_interval=3600.0, app_interval=None,
-            on_frozen=lambda tag_id: frozen.__setitem__(tag_id, device_sha256(source)),
-        )  # fmt: skip
-        (disk_id,) = rep.disk_ids
-        await sender.start()
-        await rep.start()
-        await rep.wait_initial(timeout=60)
-        async with asyncio.timeout(30):  # the first point comes by itself
-            while not rep.tags(disk_id):
-                await asyncio.sleep(0.05)
+        rep, sender, disk_id = await first_point(process, tls, source, tmp_path, frozen)
         for seed in range(2):
             before = rep.status()[disk_id]
             seen, sent = set(rep.tags(disk_id)), before["bytes_sent"]
@@ -171,20 +187,9 @@ def test_reads_overlapping_the_freeze_end_before_the_thaw(
     writer = Rewriter(mnt / "data")
 
     async def run() -> None:
-        acks = AckRelay()
-        sender = make_sender(process, tls, acks)
-        rep = Replicator(
-            [source], sender, TracefsTracker, tmp_path / "agent", machine_id=MACHINE,
-            acks=acks, tag_interval=3600.0, app_interval=None, freeze_timeout=1.0,
-            on_frozen=lambda tag_id: frozen.__setitem__(tag_id, device_sha256(source)),
-        )  # fmt: skip
-        (disk_id,) = rep.disk_ids
-        await sender.start()
-        await rep.start()
-        await rep.wait_initial(timeout=60)
-        async with asyncio.timeout(30):  # the first point comes by itself
-            while not rep.tags(disk_id):
-                await asyncio.sleep(0.05)
+        rep, sender, disk_id = await first_point(
+            process, tls, source, tmp_path, frozen, freeze_timeout=1.0
+        )
         writer.start()
         delay[0] = 0.3  # longer than taking the freeze and copying: the gate must hold
         checked = 0
