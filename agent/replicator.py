@@ -412,8 +412,17 @@ class Replicator:
     async def _live_round(self) -> None:
         """Drain every disk live and send what it found."""
         self._written.clear()  # before the drains: a write after them wakes the next
+        for run, dirty in await self._drain_live():
+            await self._send_dirty(run, dirty)
+
+    async def _drain_live(self) -> list[tuple[DiskRun, DirtyMap]]:
+        """Each disk's live drain with what was pending for it, where not empty."""
+        drained = []
         for run in self._runs:
-            await self._send_dirty(run, await asyncio.to_thread(run.live_drain))
+            dirty = run.take_pending(await asyncio.to_thread(run.live_drain))
+            if dirty:
+                drained.append((run, dirty))
+        return drained
 
     async def _nap(self, seconds: float, *also: asyncio.Event) -> None:
         """Sleep until `seconds` pass, a stop, a requested tag, or one of `also`."""
@@ -553,17 +562,13 @@ class Replicator:
                 if on_frozen is not None:
                     on_frozen(tag_id)
 
-        drained: list[tuple[DiskRun, list[tuple[int, int]]]] = []
-        if lead_in:
-            for run in self._runs:
-                dirty = run.take_pending(await asyncio.to_thread(run.live_drain))
-                if dirty:
-                    drained.append((run, list(dirty.extents())))
+        drained = await self._drain_live() if lead_in else []
         # Only a plain crash point overlaps: no scripts (their time is not the freeze's),
         # no group barrier, and every disk's writes stopped by the freeze (lead_in's proof).
         overlap = kind is TagKind.CRASH and barrier is None and not self.unheld_disks()
         tail_bytes = self._pacing.tail_bytes(self.capture_budget // 4) if overlap else 0
-        head, tail = split_tail(drained, self.chunk, tail_bytes, SEND_BATCH)
+        sets = [(run, list(dirty.extents())) for run, dirty in drained]
+        head, tail = split_tail(sets, self.chunk, tail_bytes, SEND_BATCH)
         for run, batch in head:
             await self._send_extents(run, batch, await self._read(run, batch))
         gate = ReadGate(BARRIER_MARGIN) if overlap else None

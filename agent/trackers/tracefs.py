@@ -217,8 +217,7 @@ class TracefsTracker:
             self._check_alive()
             if not barrier:
                 with self._lock:
-                    drained, self._dirty = self._dirty, DirtyMap(self.size, self.chunk)
-                    self._signalled = False
+                    drained = self._swap()
             else:
                 drained = self._barrier_drain(self.barrier_timeout if timeout is None else timeout)
             self._check_counters()
@@ -288,8 +287,7 @@ class TracefsTracker:
     def _complete_if_done(self, pending: _Barrier) -> None:
         """With the lock held: swap the dirty map out once every marker is back."""
         if not pending.waiting and pending.result is None:
-            pending.result, self._dirty = self._dirty, DirtyMap(self.size, self.chunk)
-            self._signalled = False
+            pending.result = self._swap()
             self._barriers += 1
             pending.done.set()
 
@@ -308,6 +306,13 @@ class TracefsTracker:
             )
             instance.set_clock("global")
         return allowed
+
+    def _swap(self) -> DirtyMap:
+        """With the lock held: the dirty set so far, replaced by an empty one (which
+        `on_dirty` will announce again)."""
+        drained, self._dirty = self._dirty, DirtyMap(self.size, self.chunk)
+        self._signalled = False
+        return drained
 
     def _release_barrier(self) -> None:
         if self._barrier is not None:
@@ -373,11 +378,11 @@ class TracefsTracker:
                         self._dirty.mark(start, end - start)
                     continue
                 self._other_line(line)
-            signal = self._events != events and not self._signalled and self.on_dirty
-            if signal:
-                self._signalled = True
-        if signal:
-            signal()
+            notify = None
+            if self._events != events and not self._signalled:
+                notify, self._signalled = self.on_dirty, self.on_dirty is not None
+        if notify is not None:
+            notify()
 
     def _other_line(self, line: bytes) -> None:
         if line.startswith(_MARK):

@@ -12,16 +12,21 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
 
+import agent.replicator
+from agent.capture import capture_machine
 from agent.discovery import Disk
+from agent.errors import DeviceResized
 from agent.lead_in import Pacing
 from agent.replicator import AckRelay, Replicator
 from agent.replicator_disk import DiskRun
 from agent.trackers.tracefs import TracefsTracker
 from appliance.wire.sender import StreamSender
+from tests.agent.helpers import write_file
 from tests.agent.test_replicator import (
     MACHINE,
     device_sha256,
@@ -96,9 +101,7 @@ def test_a_requested_point_after_random_4k_writes_is_exact(
 ) -> None:
     process, target = sites
     source, mnt = disk
-    with open(mnt / "data", "wb") as f:
-        f.write(os.urandom(16 << 20))
-        os.fsync(f.fileno())
+    write_file(mnt, "data", 16 << 20)
     frozen: dict[str, str] = {}
 
     async def run() -> None:
@@ -171,9 +174,7 @@ def test_reads_overlapping_the_freeze_end_before_the_thaw(
     never its exactness."""
     process, target = sites
     source, mnt = disk
-    with open(mnt / "data", "wb") as f:
-        f.write(os.urandom(16 << 20))
-        os.fsync(f.fileno())
+    write_file(mnt, "data", 16 << 20)
     frozen: dict[str, str] = {}
     delay = [0.0]
     read_extents = DiskRun.read_extents
@@ -217,6 +218,73 @@ def test_reads_overlapping_the_freeze_end_before_the_thaw(
         await rep.stop()
         await sender.close()
         assert writer.writes > 0
+
+    try:
+        uvloop.run(run())
+    finally:
+        writer.halt.set()
+
+
+def test_a_failed_read_during_the_freeze_gives_the_point_up_and_thaws(
+    sites: tuple[RoleDaemon, RoleDaemon],
+    disk: tuple[Disk, Path],
+    tls: TlsMaterial,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read overlapped with the freeze that fails (injected: the device shrank) ends
+    replication with that error, and only after the capture has given the point up and
+    thawed: no freeze is left running behind the error, and the filesystem takes writes."""
+    process, _ = sites
+    source, mnt = disk
+    write_file(mnt, "data", 16 << 20)
+    capturing, armed = threading.Event(), threading.Event()
+    in_round: list[bool] = []
+    failed_in_capture: list[bool] = []
+    read_extents = DiskRun.read_extents
+    split_tail = agent.replicator.split_tail
+
+    def shrunk_while_capturing(run: DiskRun, extents: list[tuple[int, int]]) -> memoryview:
+        # The tail's reads (all of the round's: the pacing is forced) wait for the
+        # capture to be running, then fail: a read overlapping the freeze.
+        if in_round and capturing.wait(10):
+            failed_in_capture.append(True)
+            raise DeviceResized(str(run.disk.path), run.disk.size, run.disk.size // 2)
+        return read_extents(run, extents)
+
+    def tag_round_reads(*args: Any) -> Any:
+        if armed.is_set():  # a round after the first point
+            in_round.append(True)
+        return split_tail(*args)
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        capturing.set()
+        try:
+            return capture_machine(*args, **kwargs)
+        finally:
+            capturing.clear()
+
+    monkeypatch.setattr(DiskRun, "read_extents", shrunk_while_capturing)
+    monkeypatch.setattr(agent.replicator, "capture_machine", capture)
+    monkeypatch.setattr(agent.replicator, "split_tail", tag_round_reads)
+    monkeypatch.setattr(Pacing, "tail_bytes", lambda self, limit: limit)
+    writer = Rewriter(mnt / "data")
+
+    async def run() -> None:
+        rep, sender, _ = await first_point(process, tls, source, tmp_path, {})
+        armed.set()
+        writer.start()  # so the drain before the next point has something to read
+        rep.request_tag()
+        with pytest.raises(DeviceResized):
+            async with asyncio.timeout(30):
+                await rep.wait()
+        assert failed_in_capture and not capturing.is_set()  # the capture had returned
+        assert rep.phase == "failed" and isinstance(rep.error, DeviceResized)
+        writer.halt.set()
+        await asyncio.to_thread(writer.join, 10)
+        assert not writer.is_alive(), "the writer is stuck: the filesystem stayed frozen"
+        await rep.stop()
+        await sender.close()
 
     try:
         uvloop.run(run())
